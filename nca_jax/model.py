@@ -1,0 +1,329 @@
+"""Med-NCA: two neural-cellular-automaton levels with an explicit-randomness step.
+
+Shapes: B batch, H x W cells, C state channels (channel 0 = image, channel 1 = lung logits).
+One level's learned parts (`UpdateRule`) map a state (B, H, W, C) to a proposed update
+(B, H, W, C). The stochastic step applies it through a per-cell fire mask (B, H, W, 1) that is
+drawn from a PRNG key or passed in as a tensor (the TFLite export needs the latter). The mask
+is NOT rescaled (unlike dropout): a cell either adds its full update or keeps its state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nca_jax.config import ModelConfig
+
+Params = dict[str, Any]
+
+LEVEL_KEY, LEVEL2_KEY, PATCH_KEY = 1, 2, 3  # fold_in tags for the per-level keys
+
+
+class BatchStatsNorm(nn.Module):
+    """Batch norm that always uses the current batch's statistics (no running averages).
+
+    x: (B, H, W, F) -> (B, H, W, F), normalised over (B, H, W) per feature, then scaled and
+    shifted by learned (F,) vectors. A prediction therefore depends on the batch it is in.
+    """
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))  # biased, as PyTorch normalises
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+
+
+class Perceive(nn.Module):
+    """State (B, H, W, C) -> features (B, H, W, 3C): the state and two learned 3x3 convolutions
+    of it (full C -> C, with bias), reflect padding."""
+
+    channels: int
+
+    @nn.compact
+    def __call__(self, state: jax.Array) -> jax.Array:
+        padded = jnp.pad(state, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        p0 = nn.Conv(self.channels, (3, 3), padding="VALID", name="conv0")(padded)
+        p1 = nn.Conv(self.channels, (3, 3), padding="VALID", name="conv1")(padded)
+        return jnp.concatenate([state, p0, p1], axis=-1)
+
+
+class UpdateRule(nn.Module):
+    """One NCA level's learned rule: state (B, H, W, C) -> proposed update (B, H, W, C).
+
+    perceive -> dense 3C->hidden -> batch-stats norm -> ReLU -> dense hidden->C (no bias, zero
+    initialised, so an untrained automaton is the identity).
+    """
+
+    channels: int = 16
+    hidden: int = 128
+    bn_eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, state: jax.Array) -> jax.Array:
+        x = Perceive(self.channels, name="perceive")(state)
+        x = nn.Dense(self.hidden, name="dense_in")(x)
+        x = BatchStatsNorm(self.bn_eps, name="norm")(x)
+        x = nn.relu(x)
+        return nn.Dense(
+            self.channels, use_bias=False, kernel_init=nn.initializers.zeros, name="dense_out"
+        )(x)
+
+
+def update_rule(cfg: ModelConfig) -> UpdateRule:
+    return UpdateRule(channels=cfg.channels, hidden=cfg.hidden, bn_eps=cfg.bn_eps)
+
+
+def init_params(cfg: ModelConfig, *, key: jax.Array) -> Params:
+    """Fresh parameters {'level1': ..., 'level2': ...}, each level with its own weights."""
+    rule = update_rule(cfg)
+    dummy = jnp.zeros((1, 4, 4, cfg.channels), jnp.float32)
+    k1, k2 = jax.random.split(key)
+    return {
+        "level1": rule.init(k1, dummy)["params"],
+        "level2": rule.init(k2, dummy)["params"],
+    }
+
+
+def count_params(params: Params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def fire_mask(key: jax.Array, shape: tuple[int, int, int], rate: float) -> jax.Array:
+    """Bernoulli(rate) per cell: (B, H, W) -> float32 mask (B, H, W, 1), 1 = the cell updates.
+
+    (The authors' code updates where uniform > rate, i.e. with probability 1 - rate; at the
+    default rate 0.5 the two are the same distribution.)"""
+    return (jax.random.uniform(key, (*shape, 1)) < rate).astype(jnp.float32)
+
+
+def nca_step(
+    level_params: Params,
+    state: jax.Array,
+    image: jax.Array,
+    *,
+    cfg: ModelConfig,
+    key: jax.Array | None = None,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """One stochastic NCA step: state (B, H, W, C), image (B, H, W, 1) -> new state (B, H, W, C).
+
+    Exactly one of `key` (a PRNG key; the fire mask is drawn from it) or `mask` (a given fire
+    mask (B, H, W, 1) of 0/1) must be passed: randomness is never implicit.
+    """
+    if (key is None) == (mask is None):
+        raise TypeError("nca_step needs exactly one of key= (a PRNG key) or mask= (a fire mask)")
+    if mask is None:
+        mask = fire_mask(key, state.shape[:3], cfg.fire_rate)
+    delta = update_rule(cfg).apply({"params": level_params}, state)
+    new = state + delta * mask
+    return jnp.concatenate([image, new[..., 1:]], axis=-1)
+
+
+def step_keys(key: jax.Array, steps: int) -> jax.Array:
+    """Per-step keys fold_in(key, i) for i < steps: (steps,) keys."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(steps))
+
+
+def rollout(
+    level_params: Params,
+    state: jax.Array,
+    image: jax.Array,
+    *,
+    cfg: ModelConfig,
+    key: jax.Array | None = None,
+    masks: jax.Array | None = None,
+    unroll: bool = False,
+) -> jax.Array:
+    """cfg.steps NCA steps as one lax.scan: state (B, H, W, C) -> (B, H, W, C).
+
+    Step i draws its fire mask from fold_in(key, i), or takes masks[i] from given masks
+    (steps, B, H, W, 1). `unroll=True` unrolls the scan (faster gradients on XLA CPU, longer
+    compile)."""
+    if (key is None) == (masks is None):
+        raise TypeError("rollout needs exactly one of key= (a PRNG key) or masks= (fire masks)")
+    if masks is None:
+        xs, use_key = step_keys(key, cfg.steps), True
+    else:
+        if masks.shape[0] != cfg.steps:
+            raise ValueError(f"masks has {masks.shape[0]} steps, the config says {cfg.steps}")
+        xs, use_key = masks, False
+
+    def body(s: jax.Array, x: jax.Array) -> tuple[jax.Array, None]:
+        if use_key:
+            return nca_step(level_params, s, image, cfg=cfg, key=x), None
+        return nca_step(level_params, s, image, cfg=cfg, mask=x), None
+
+    state, _ = jax.lax.scan(body, state, xs, unroll=cfg.steps if unroll else 1)
+    return state
+
+
+# ----------------------------------------------------------------------------- two levels
+
+
+class Randomness(NamedTuple):
+    """Every random draw of one Med-NCA forward pass, as tensors.
+
+    masks1: (steps, B, h, w, 1) level-1 fire masks; masks2: (steps, B, H2, W2, 1) level-2 fire
+    masks (H2 = patch in training, the full size at inference); patch_yx: (B, 2) int32 top-left
+    corner of each sample's level-2 patch (training only, else None)."""
+
+    masks1: jax.Array
+    masks2: jax.Array
+    patch_yx: jax.Array | None = None
+
+
+def downscale(image: jax.Array, factor: int) -> jax.Array:
+    """Area (block-mean) downscaling: (B, H, W, 1) -> (B, H/f, W/f, 1)."""
+    b, h, w, c = image.shape
+    return image.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+
+
+def upscale(state: jax.Array, factor: int) -> jax.Array:
+    """Nearest-neighbour upsampling: (B, h, w, C) -> (B, h*f, w*f, C)."""
+    return jnp.repeat(jnp.repeat(state, factor, axis=1), factor, axis=2)
+
+
+def seed_state(image: jax.Array, channels: int) -> jax.Array:
+    """(B, H, W, 1) image -> (B, H, W, C) seed: channel 0 = image, the others 0 (built by
+    padding, so no large constant lands in an exported graph)."""
+    return jnp.pad(image, ((0, 0), (0, 0), (0, 0), (0, channels - 1)))
+
+
+def crop_patches(x: jax.Array, yx: jax.Array, size: int) -> jax.Array:
+    """Per-sample crop: x (B, H, W, ...) and corners yx (B, 2) -> (B, size, size, ...)."""
+
+    def one(xi: jax.Array, c: jax.Array) -> jax.Array:
+        start = (c[0], c[1]) + (0,) * (xi.ndim - 2)
+        return jax.lax.dynamic_slice(xi, start, (size, size) + xi.shape[2:])
+
+    return jax.vmap(one)(x, yx)
+
+
+def draw_randomness(
+    key: jax.Array, cfg: ModelConfig, batch: int, size: int, *, train: bool
+) -> Randomness:
+    """All draws of one forward pass from `key`, exactly as the key path draws them."""
+    low = size // cfg.downscale
+    size2 = cfg.patch if train else size
+    k1, k2 = jax.random.fold_in(key, LEVEL_KEY), jax.random.fold_in(key, LEVEL2_KEY)
+    masks1 = jax.vmap(lambda k: fire_mask(k, (batch, low, low), cfg.fire_rate))(
+        step_keys(k1, cfg.steps)
+    )
+    masks2 = jax.vmap(lambda k: fire_mask(k, (batch, size2, size2), cfg.fire_rate))(
+        step_keys(k2, cfg.steps)
+    )
+    yx = draw_patch_corners(key, cfg, batch, size) if train else None
+    return Randomness(masks1, masks2, yx)
+
+
+def draw_patch_corners(key: jax.Array, cfg: ModelConfig, batch: int, size: int) -> jax.Array:
+    """(B, 2) int32 uniform top-left corners of the level-2 training patches."""
+    return jax.random.randint(
+        jax.random.fold_in(key, PATCH_KEY), (batch, 2), 0, size - cfg.patch + 1, jnp.int32
+    )
+
+
+def _as_nhwc(image: jax.Array) -> jax.Array:
+    if image.ndim == 3:
+        image = image[..., None]
+    if image.ndim != 4 or image.shape[-1] != 1:
+        raise ValueError(f"image must be (B, H, W) or (B, H, W, 1), got {image.shape}")
+    return image.astype(jnp.float32)
+
+
+def _level1_to_full(
+    params: Params, image: jax.Array, cfg: ModelConfig, unroll: bool, **rand: Any
+) -> jax.Array:
+    """Level 1 on the downscaled image, upsampled: (B, H, W, 1) -> full-res state (B, H, W, C)."""
+    low = downscale(image, cfg.downscale)
+    s = rollout(
+        params["level1"], seed_state(low, cfg.channels), low, cfg=cfg, unroll=unroll, **rand
+    )
+    up = upscale(s, cfg.downscale)
+    return jnp.concatenate([image, up[..., 1:]], axis=-1)
+
+
+def _check_rand(key: jax.Array | None, randomness: Randomness | None) -> None:
+    if (key is None) == (randomness is None):
+        raise TypeError("Med-NCA needs exactly one of key= (a PRNG key) or randomness=")
+
+
+def predict_state(
+    params: Params,
+    image: jax.Array,
+    *,
+    cfg: ModelConfig,
+    key: jax.Array | None = None,
+    randomness: Randomness | None = None,
+    unroll: bool = False,
+) -> jax.Array:
+    """Inference: image (B, H, W[, 1]) in [0, 1] -> final full-resolution state (B, H, W, C)."""
+    _check_rand(key, randomness)
+    image = _as_nhwc(image)
+    if randomness is None:
+        r1 = {"key": jax.random.fold_in(key, LEVEL_KEY)}
+        r2 = {"key": jax.random.fold_in(key, LEVEL2_KEY)}
+    else:
+        r1, r2 = {"masks": randomness.masks1}, {"masks": randomness.masks2}
+    state = _level1_to_full(params, image, cfg, unroll, **r1)
+    return rollout(params["level2"], state, image, cfg=cfg, unroll=unroll, **r2)
+
+
+def predict_logits(params: Params, image: jax.Array, **kw: Any) -> jax.Array:
+    """Inference: image (B, H, W[, 1]) -> lung logits (B, H, W) (channel 1 of the state).
+    Keyword arguments as predict_state (cfg=, and key= or randomness=)."""
+    return predict_state(params, image, **kw)[..., 1]
+
+
+def train_logits(
+    params: Params,
+    image: jax.Array,
+    mask: jax.Array,
+    *,
+    cfg: ModelConfig,
+    key: jax.Array | None = None,
+    randomness: Randomness | None = None,
+    unroll: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Training forward: level 2 runs on one random patch per sample.
+
+    image, mask: (B, H, W) -> (patch logits (B, p, p), patch mask (B, p, p)), p = cfg.patch."""
+    _check_rand(key, randomness)
+    image = _as_nhwc(image)
+    if randomness is None:
+        yx = draw_patch_corners(key, cfg, image.shape[0], image.shape[1])
+        r1 = {"key": jax.random.fold_in(key, LEVEL_KEY)}
+        r2 = {"key": jax.random.fold_in(key, LEVEL2_KEY)}
+    else:
+        yx = randomness.patch_yx
+        r1, r2 = {"masks": randomness.masks1}, {"masks": randomness.masks2}
+    state = _level1_to_full(params, image, cfg, unroll, **r1)
+    state_p = crop_patches(state, yx, cfg.patch)
+    image_p = state_p[..., :1]
+    mask_p = crop_patches(mask, yx, cfg.patch)
+    out = rollout(params["level2"], state_p, image_p, cfg=cfg, unroll=unroll, **r2)
+    return out[..., 1], mask_p
+
+
+def sample_keys(key: jax.Array, n: int) -> jax.Array:
+    """The n sample keys fold_in(key, i), i < n: (n,) keys."""
+    return step_keys(key, n)
+
+
+def sample_probs(
+    params: Params, image: jax.Array, *, cfg: ModelConfig, key: jax.Array, n: int = 10
+) -> jax.Array:
+    """n stochastic full-image predictions as ONE vmap over keys fold_in(key, i).
+
+    image (B, H, W) -> sigmoid probabilities (n, B, H, W). Each sample normalises over its own
+    batch (vmap keeps batch-norm statistics per sample; stacking the n samples into one batch
+    would pool them and change the result)."""
+    keys = sample_keys(key, n)
+    return jax.vmap(lambda k: jax.nn.sigmoid(predict_logits(params, image, cfg=cfg, key=k)))(keys)

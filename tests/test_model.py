@@ -1,0 +1,194 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import randomised_params
+
+from nca_jax import model as m
+from nca_jax.config import ModelConfig
+
+
+def test_parameter_count_is_the_papers():
+    params = m.init_params(ModelConfig(), key=jax.random.key(0))
+    assert m.count_params(params) == 26_432
+    assert m.count_params(params["level1"]) == 13_216
+
+
+def test_untrained_automaton_is_identity_on_hidden_channels():
+    cfg = ModelConfig(channels=4, hidden=8, steps=3)
+    params = m.init_params(cfg, key=jax.random.key(0))
+    img = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
+    s0 = m.seed_state(img, 4)
+    s = m.rollout(params["level1"], s0, img, cfg=cfg, key=jax.random.key(2))
+    np.testing.assert_array_equal(s, s0)
+
+
+def _reflect_conv3x3(x, kernel, bias):
+    """Reference: x (H, W, Ci), kernel (3, 3, Ci, Co) -> (H, W, Co) with reflect padding."""
+    xp = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="reflect")
+    h, w, _ = x.shape
+    out = np.zeros((h, w, kernel.shape[-1]))
+    for i in range(h):
+        for j in range(w):
+            out[i, j] = np.einsum("abc,abcd->d", xp[i : i + 3, j : j + 3], kernel) + bias
+    return out
+
+
+def test_one_step_exact_values_with_hand_set_weights():
+    cfg = ModelConfig(channels=2, hidden=3, steps=1, bn_eps=1e-5)
+    rng = np.random.default_rng(0)
+    p = {
+        "perceive": {
+            "conv0": {"kernel": rng.normal(size=(3, 3, 2, 2)), "bias": np.array([0.1, -0.2])},
+            "conv1": {"kernel": rng.normal(size=(3, 3, 2, 2)), "bias": np.array([0.0, 0.3])},
+        },
+        "dense_in": {"kernel": rng.normal(size=(6, 3)), "bias": np.array([0.5, -0.5, 0.0])},
+        "norm": {"scale": np.array([1.0, 2.0, 0.5]), "bias": np.array([0.0, 0.1, -0.1])},
+        "dense_out": {"kernel": rng.normal(size=(3, 2))},
+    }
+    p = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), p)
+    image = rng.uniform(size=(1, 3, 4, 1)).astype(np.float32)
+    state = np.concatenate([image, rng.normal(size=(1, 3, 4, 1))], -1).astype(np.float32)
+    mask = np.array([[1, 0, 1, 1], [0, 0, 1, 0], [1, 1, 1, 0]], np.float32)[None, :, :, None]
+
+    got = m.nca_step(p, jnp.asarray(state), jnp.asarray(image), cfg=cfg, mask=jnp.asarray(mask))
+
+    # numpy reference, written from the definition
+    pn = jax.tree_util.tree_map(np.asarray, p)
+    x = state[0].astype(np.float64)
+    c0 = _reflect_conv3x3(x, pn["perceive"]["conv0"]["kernel"], pn["perceive"]["conv0"]["bias"])
+    c1 = _reflect_conv3x3(x, pn["perceive"]["conv1"]["kernel"], pn["perceive"]["conv1"]["bias"])
+    feats = np.concatenate([x, c0, c1], -1)
+    h = feats @ pn["dense_in"]["kernel"] + pn["dense_in"]["bias"]
+    mu, var = h.reshape(-1, 3).mean(0), h.reshape(-1, 3).var(0)
+    h = (h - mu) / np.sqrt(var + 1e-5) * pn["norm"]["scale"] + pn["norm"]["bias"]
+    delta = np.maximum(h, 0) @ pn["dense_out"]["kernel"]
+    want = x + delta * mask[0]
+    want[..., 0] = image[0, ..., 0]
+    np.testing.assert_allclose(np.asarray(got[0]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_key_is_required():
+    cfg = ModelConfig(channels=4, hidden=8, steps=2)
+    params = m.init_params(cfg, key=jax.random.key(0))
+    img = jnp.zeros((1, 8, 8, 1))
+    with pytest.raises(TypeError, match="key="):
+        m.nca_step(params["level1"], m.seed_state(img, 4), img, cfg=cfg)
+    with pytest.raises(TypeError, match="key="):
+        m.predict_logits(params, jnp.zeros((1, 8, 8)), cfg=cfg)
+
+
+def _tiny(steps=3):
+    return ModelConfig(channels=6, hidden=12, steps=steps, patch=8, downscale=4)
+
+
+def test_same_key_same_output_other_keys_differ():
+    cfg = _tiny()
+    params = randomised_params(cfg)
+    img = jax.random.uniform(jax.random.key(5), (2, 16, 16))
+    f = jax.jit(lambda k: m.predict_logits(params, img, cfg=cfg, key=k))
+    a, b, c = f(jax.random.key(1)), f(jax.random.key(1)), f(jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.max(jnp.abs(a - c))) > 1e-4
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.25])
+def test_observed_update_fraction_matches_fire_rate(rate):
+    cfg = ModelConfig(channels=4, hidden=8, steps=1, fire_rate=rate)
+    params = randomised_params(cfg)["level1"]
+    img = jax.random.uniform(jax.random.key(3), (4, 64, 64, 1))
+    state = m.seed_state(img, 4)
+    new = m.nca_step(params, state, img, cfg=cfg, key=jax.random.key(9))
+    changed = jnp.any(jnp.abs(new[..., 1:] - state[..., 1:]) > 0, axis=-1)
+    frac = float(jnp.mean(changed))
+    # 16,384 cells: the standard error is about 0.004
+    assert abs(frac - rate) < 0.02, frac
+
+
+def test_mask_is_per_cell_and_not_rescaled():
+    cfg = ModelConfig(channels=4, hidden=8, steps=1)
+    params = randomised_params(cfg)["level1"]
+    img = jax.random.uniform(jax.random.key(3), (1, 8, 8, 1))
+    state = m.seed_state(img, 4)
+    ones = m.nca_step(params, state, img, cfg=cfg, mask=jnp.ones((1, 8, 8, 1)))
+    half = m.nca_step(params, state, img, cfg=cfg, key=jax.random.key(4))
+    fired = jnp.all(half == ones, axis=-1)
+    kept = jnp.all(half[..., 1:] == state[..., 1:], axis=-1)
+    assert bool(jnp.all(fired | kept))  # every cell either takes the full update or keeps its state
+
+
+def test_key_path_equals_explicit_randomness_path():
+    cfg = _tiny()
+    params = randomised_params(cfg)
+    img = jax.random.uniform(jax.random.key(5), (2, 16, 16))
+    mask = (img > 0.5).astype(jnp.float32)
+    key = jax.random.key(11)
+    r = m.draw_randomness(key, cfg, 2, 16, train=False)
+    np.testing.assert_array_equal(
+        m.predict_logits(params, img, cfg=cfg, key=key),
+        m.predict_logits(params, img, cfg=cfg, randomness=r),
+    )
+    rt = m.draw_randomness(key, cfg, 2, 16, train=True)
+    a = m.train_logits(params, img, mask, cfg=cfg, key=key)
+    b = m.train_logits(params, img, mask, cfg=cfg, randomness=rt)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_channel0_stays_the_image_and_shapes():
+    cfg = _tiny()
+    params = randomised_params(cfg)
+    img = jax.random.uniform(jax.random.key(5), (3, 16, 16))
+    s = m.predict_state(params, img, cfg=cfg, key=jax.random.key(0))
+    assert s.shape == (3, 16, 16, 6)
+    np.testing.assert_array_equal(s[..., 0], img)
+    logits, target = m.train_logits(params, img, img > 0.5, cfg=cfg, key=jax.random.key(0))
+    assert logits.shape == target.shape == (3, 8, 8)
+
+
+def test_training_patch_is_a_crop_of_the_label():
+    cfg = _tiny()
+    params = randomised_params(cfg)
+    img = jax.random.uniform(jax.random.key(5), (2, 16, 16))
+    label = jnp.arange(2 * 16 * 16, dtype=jnp.float32).reshape(2, 16, 16)
+    key = jax.random.key(3)
+    _, patch = m.train_logits(params, img, label, cfg=cfg, key=key)
+    yx = np.asarray(m.draw_patch_corners(key, cfg, 2, 16))
+    for b in range(2):
+        y, x = yx[b]
+        np.testing.assert_array_equal(patch[b], label[b, y : y + 8, x : x + 8])
+
+
+def test_vmap_over_ten_keys_equals_a_loop():
+    cfg = _tiny()
+    params = randomised_params(cfg)
+    img = jax.random.uniform(jax.random.key(5), (1, 16, 16))
+    key = jax.random.key(7)
+    got = jax.jit(lambda p, i, k: m.sample_probs(p, i, cfg=cfg, key=k, n=10))(params, img, key)
+    keys = m.sample_keys(key, 10)
+    loop = jnp.stack(
+        [jax.nn.sigmoid(m.predict_logits(params, img, cfg=cfg, key=keys[i])) for i in range(10)]
+    )
+    assert got.shape == (10, 1, 16, 16)
+    np.testing.assert_allclose(got, loop, rtol=1e-5, atol=1e-6)
+    assert float(jnp.std(got, axis=0).max()) > 0  # the samples really differ
+
+
+def test_batch_norm_pooling_trap():
+    """Predicting two images in one batch pools batch-norm statistics: it is NOT the same as
+    predicting them one at a time (documented behaviour of Med-NCA)."""
+    cfg = _tiny()
+    params = randomised_params(cfg)
+    img = jax.random.uniform(jax.random.key(5), (2, 16, 16))
+    r = m.draw_randomness(jax.random.key(1), cfg, 2, 16, train=False)
+    both = m.predict_logits(params, img, cfg=cfg, randomness=r)
+    r0 = m.Randomness(r.masks1[:, :1], r.masks2[:, :1])
+    first = m.predict_logits(params, img[:1], cfg=cfg, randomness=r0)
+    assert float(jnp.max(jnp.abs(both[:1] - first))) > 1e-4
+
+
+def test_downscale_upscale():
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    np.testing.assert_array_equal(m.downscale(x, 2)[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
+    up = m.upscale(jnp.array([[1.0, 2.0]]).reshape(1, 1, 2, 1), 2)
+    np.testing.assert_array_equal(up[0, :, :, 0], [[1, 1, 2, 2], [1, 1, 2, 2]])
