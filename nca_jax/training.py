@@ -1,0 +1,333 @@
+"""Supervised training of Med-NCA: optimizer, one jitted train step, the epoch loop.
+
+Determinism: the run's root key is key(seed); the data order of epoch e comes from
+fold_in(data_key, e) and the model's randomness of global step s from fold_in(step_key, s), so a
+resumed run draws exactly what the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from nca_jax import checkpoint as ckpt
+from nca_jax.config import (
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    atomic_write_text,
+    load_config,
+    save_config,
+)
+from nca_jax.data import Dataset
+from nca_jax.losses import segmentation_loss
+from nca_jax.model import Params, init_params, predict_logits, sample_keys, train_logits
+
+DATA_KEY, STEP_KEY, INIT_KEY, EVAL_KEY = 0, 1, 2, 3
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); str(e) says where and what was kept."""
+
+
+class TrainState(NamedTuple):
+    """Everything a resumed run needs: a pytree."""
+
+    params: Params
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar: global optimizer step
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """Adam with the learning rate decayed by tc.lr_decay every step."""
+    schedule = optax.exponential_decay(tc.lr, transition_steps=1, decay_rate=tc.lr_decay)
+    return optax.adam(schedule, b1=tc.beta1, b2=tc.beta2)
+
+
+def init_state(cfg: RunConfig, params: Params | None = None) -> TrainState:
+    root = jax.random.key(cfg.train.seed)
+    if params is None:
+        params = init_params(cfg.model, key=jax.random.fold_in(root, INIT_KEY))
+    opt = make_optimizer(cfg.train)
+    return TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))
+
+
+def make_train_step(
+    cfg: RunConfig,
+) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
+    """Returns jit(train_step)(state, images (B,H,W), masks (B,H,W), step_key) -> (state, info).
+
+    The model's randomness is fold_in(step_key, state.step). The state is donated. A step whose
+    patch labels are all empty (with skip_empty_patches) or whose loss is not finite leaves the
+    state's parameters and Adam state unchanged; info says which happened."""
+    mc, tc = cfg.model, cfg.train
+    opt = make_optimizer(tc)
+
+    def loss_fn(params: Params, images: jax.Array, masks: jax.Array, key: jax.Array):
+        logits, target = train_logits(params, images, masks, cfg=mc, key=key, unroll=mc.unroll)
+        loss = segmentation_loss(logits, target, kind=tc.loss, focal_gamma=tc.focal_gamma)
+        return loss, jnp.sum(target)
+
+    def step(state: TrainState, images: jax.Array, masks: jax.Array, step_key: jax.Array):
+        key = jax.random.fold_in(step_key, state.step)
+        (loss, fg), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, images, masks, key
+        )
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+        )
+        skipped = (fg == 0) if tc.skip_empty_patches else jnp.array(False)
+        keep = finite & ~skipped
+        params, opt_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(keep, new, old),
+            (params, opt_state),
+            (state.params, state.opt_state),
+        )
+        info = {"loss": loss, "finite": finite, "skipped": skipped}
+        return TrainState(params, opt_state, state.step + 1), info
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_predict(
+    mc: ModelConfig, samples: int
+) -> Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array]:
+    """Returns jit(f)(params, images (N,H,W), key, index (N,)) -> probabilities (samples, N, H, W).
+
+    Each image is predicted alone (batch of one, its own batch-norm statistics) with keys
+    fold_in(fold_in(key, index[i]), j) for sample j, so results do not depend on chunking."""
+
+    def one(params: Params, image: jax.Array, key: jax.Array) -> jax.Array:
+        def sample(k: jax.Array) -> jax.Array:
+            return jax.nn.sigmoid(predict_logits(params, image[None], cfg=mc, key=k))[0]
+
+        return jax.vmap(sample)(sample_keys(key, samples))
+
+    def f(params: Params, images: jax.Array, key: jax.Array, index: jax.Array) -> jax.Array:
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+        return jnp.swapaxes(jax.vmap(one, in_axes=(None, 0, 0))(params, images, keys), 0, 1)
+
+    return jax.jit(f)
+
+
+def predict_dataset(
+    predict: Callable, params: Params, images: np.ndarray, key: jax.Array, chunk: int = 4
+) -> np.ndarray:
+    """Runs `predict` (from make_predict) over images (N,H,W) in chunks -> (samples, N, H, W)."""
+    out = []
+    for i in range(0, len(images), chunk):
+        part = images[i : i + chunk]
+        idx = np.arange(i, i + len(part), dtype=np.int32)
+        if len(part) < chunk:  # pad so the jitted function sees one shape only
+            pad = chunk - len(part)
+            part = np.concatenate([part, np.repeat(part[-1:], pad, 0)])
+            idx = np.concatenate([idx, np.repeat(idx[-1:], pad)])
+        out.append(np.asarray(predict(params, jnp.asarray(part), key, jnp.asarray(idx))))
+    return np.concatenate(out, axis=1)[:, : len(images)]
+
+
+def validation_dice(probs: np.ndarray, masks: np.ndarray) -> float:
+    """Mean Dice of the 0.5-thresholded mean prediction: probs (S, N, H, W), masks (N, H, W)."""
+    from nca_jax.metrics import dice
+
+    pred = probs.mean(0) > 0.5
+    return float(np.mean([dice(p, m > 0.5) for p, m in zip(pred, masks, strict=True)]))
+
+
+def epoch_order(data_key: jax.Array, epoch: int, n: int) -> np.ndarray:
+    return np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), n))
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    if not path.exists():
+        return
+    keep = [
+        ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= last_epoch
+    ]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def train_and_evaluate(
+    cfg: RunConfig,
+    train: Dataset,
+    out: str | Path,
+    *,
+    val: Dataset | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Trains Med-NCA on `train` (images and masks), writes the run folder `out`.
+
+    Saves an orbax checkpoint every cfg.train.checkpoint_every epochs and at the end;
+    with `val`, the weights with the best validation Dice become weights.npz, else the last.
+    `stop_after_epochs` ends the call early (as an interruption would), for tests.
+    Returns the run summary also written to run.json."""
+    cfg.validate()
+    tc, mc = cfg.train, cfg.model
+    out = Path(out)
+    if train.masks is None:
+        raise TrainingError(f"{train.source}: training needs masks")
+    n = len(train.images)
+    batch = min(tc.batch_size, n)
+    per_epoch = n // batch
+    root = jax.random.key(tc.seed)
+    data_key, step_key = jax.random.fold_in(root, DATA_KEY), jax.random.fold_in(root, STEP_KEY)
+    eval_key = jax.random.fold_in(root, EVAL_KEY)
+
+    out.mkdir(parents=True, exist_ok=True)
+    mngr = ckpt.checkpoint_manager(out / "checkpoints", tc.keep_checkpoints)
+    metrics_path = out / "metrics.jsonl"
+    state = init_state(cfg)
+    start_epoch, best = 0, {"val_dice": -1.0, "epoch": None}
+    if resume:
+        if mngr.latest_step() is None:
+            raise ckpt.RunError(f"{out}: nothing to resume (no checkpoint)")
+        saved = load_config(out / "config.json")
+        if saved != cfg:
+            raise ckpt.RunError(f"{out}: --resume with a config that differs from config.json")
+        restored = ckpt.restore_checkpoint(mngr, {"state": state, "best": _best_like()})
+        state = TrainState(*restored["state"])
+        best = {k: v.item() for k, v in restored["best"].items()}
+        best["epoch"] = None if best["epoch"] < 0 else int(best["epoch"])
+        start_epoch = int(state.step) // per_epoch
+        _truncate_metrics(metrics_path, start_epoch - 1)
+        log(f"resuming {out} at epoch {start_epoch} (step {int(state.step)})")
+    else:
+        if (out / "config.json").exists() or mngr.latest_step() is not None:
+            raise ckpt.RunError(f"{out}: already holds a run (use --resume or another --out)")
+        metrics_path.unlink(missing_ok=True)
+    save_config(cfg, out / "config.json")
+
+    step_fn = make_train_step(cfg)
+    predict = make_predict(mc, tc.eval_samples) if val is not None else None
+    images = jnp.asarray(train.images)
+    masks = jnp.asarray(train.masks)
+    end_epoch = tc.epochs if stop_after_epochs is None else min(tc.epochs, stop_after_epochs)
+    bar = tqdm(total=(end_epoch - start_epoch) * per_epoch, disable=not progress, unit="step")
+    t_start = time.perf_counter()
+    last_good = mngr.latest_step()
+    for epoch in range(start_epoch, end_epoch):
+        order = epoch_order(data_key, epoch, n)
+        losses, skipped, t0 = [], 0, time.perf_counter()
+        for b in range(per_epoch):
+            idx = order[b * batch : (b + 1) * batch]
+            state, info = step_fn(state, images[idx], masks[idx], step_key)
+            loss = float(info["loss"])
+            if not bool(info["finite"]):
+                bar.close()
+                raise TrainingError(
+                    f"{out}: non-finite loss at step {int(state.step) - 1} (epoch {epoch}); "
+                    f"stopped, last good checkpoint: step {last_good}"
+                )
+            skipped += int(info["skipped"])
+            losses.append(loss)
+            bar.update(1)
+            rate = batch * (b + 1) / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{rate:.2f}")
+        dt = time.perf_counter() - t0
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": int(state.step),
+            "loss": float(np.mean(losses)),
+            "skipped_steps": skipped,
+            "epoch_s": dt,
+            "images_per_s": per_epoch * batch / dt,
+            "lr": float(make_optimizer_schedule(tc)(int(state.step))),
+        }
+        last = epoch + 1 == end_epoch
+        if val is not None and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs):
+            probs = predict_dataset(predict, state.params, val.images, eval_key)
+            row["val_dice"] = validation_dice(probs, val.masks)
+            if row["val_dice"] > best["val_dice"]:
+                best = {"val_dice": row["val_dice"], "epoch": epoch}
+                ckpt.save_weights(state.params, out / "weights_best.npz")
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if (epoch + 1) % tc.checkpoint_every == 0 or last:
+            ckpt.save_checkpoint(
+                mngr, int(state.step), {"state": state, "best": _best_arrays(best)}
+            )
+            last_good = int(state.step)
+    bar.close()
+    wall = time.perf_counter() - t_start
+    finished = end_epoch == tc.epochs
+    summary = {
+        "finished": finished,
+        "epochs_done": end_epoch,
+        "steps": int(state.step),
+        "batch_size": batch,
+        "steps_per_epoch": per_epoch,
+        "wall_s_this_call": wall,
+        "train_source": train.source,
+        "n_train": n,
+        "val_source": None if val is None else val.source,
+        "best_val_dice": None if best["epoch"] is None else best["val_dice"],
+        "best_epoch": best["epoch"],
+    }
+    if finished:
+        if val is not None and (out / "weights_best.npz").exists():
+            (out / "weights_best.npz").replace(out / "weights.npz")
+            summary["weights"] = f"best validation Dice (epoch {best['epoch']})"
+        else:
+            ckpt.save_weights(state.params, out / "weights.npz")
+            summary["weights"] = "last epoch"
+        ckpt.save_weights(state.params, out / "weights_last.npz")
+        ckpt.write_json(out / "run.json", summary)
+        plot_curves(metrics_path, out / "training_curve.png")
+    mngr.close()
+    return summary
+
+
+def make_optimizer_schedule(tc: TrainConfig) -> optax.Schedule:
+    return optax.exponential_decay(tc.lr, transition_steps=1, decay_rate=tc.lr_decay)
+
+
+def _best_like() -> dict[str, jax.Array]:
+    return {"val_dice": jnp.zeros((), jnp.float32), "epoch": jnp.zeros((), jnp.int32)}
+
+
+def _best_arrays(best: dict[str, Any]) -> dict[str, jax.Array]:
+    ep = -1 if best["epoch"] is None else best["epoch"]
+    return {
+        "val_dice": jnp.asarray(best["val_dice"], jnp.float32),
+        "epoch": jnp.asarray(ep, jnp.int32),
+    }
+
+
+def plot_curves(metrics_path: Path, png: Path) -> None:
+    """Training loss (and validation Dice when present) per epoch -> PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], label="train loss (Dice+BCE)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    vals = [(r["epoch"], r["val_dice"]) for r in rows if "val_dice" in r]
+    if vals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*vals, strict=True), "o-", color="tab:orange", label="validation Dice")
+        ax2.set_ylabel("validation Dice")
+        ax2.set_ylim(0, 1)
+        fig.legend(loc="upper right")
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png)
