@@ -68,15 +68,62 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """VWSL fine-tuning on unlabelled images. Defaults from the authors' code, except gamma
+    (see README: chosen without target labels; the paper reports 1e3, the code uses 1e2)."""
+
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 3e-6
+    beta1: float = 0.9
+    beta2: float = 0.99
+    lr_decay: float = 1.0  # the authors' fine-tuning uses a constant learning rate
+    gamma: float = 1e2  # weight of the consistency term
+    samples: int = 10  # stochastic predictions per image for the surrogate target
+    target_reduce: str = "median"  # "median" (authors' code) or "mean" (paper)
+    weight_kind: str = "std"  # w = 1 - 2 std (authors' code) or "var": w = 1 - 4 var
+    refresh_every: int = 0  # recompute targets every K epochs; 0 = once, before fine-tuning
+    loss: str = "dice_bce"
+    focal_gamma: float = 2.0
+    seed: int = 0
+    checkpoint_every: int = 10
+    eval_every: int = 10
+    eval_samples: int = 1
+    keep_checkpoints: int = 2
+    source_run: str = ""  # the run it starts from (for the record)
+
+    def validate(self) -> None:
+        for name in ("gamma", "lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"finetune.{name} must be finite and >= 0, got {v}")
+        if self.lr == 0:
+            raise ConfigError("finetune.lr must be > 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.samples < 2:
+            raise ConfigError("finetune.epochs, batch_size must be >= 1 and samples >= 2")
+        if self.target_reduce not in ("median", "mean"):
+            raise ConfigError("finetune.target_reduce must be 'median' or 'mean'")
+        if self.weight_kind not in ("std", "var"):
+            raise ConfigError("finetune.weight_kind must be 'std' or 'var'")
+        if self.loss not in ("dice_bce", "dice_focal"):
+            raise ConfigError("finetune.loss must be 'dice_bce' or 'dice_focal'")
+        if self.refresh_every < 0:
+            raise ConfigError("finetune.refresh_every must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs to be reproduced: saved as `config.json` in the run folder."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    finetune: FinetuneConfig | None = None  # set in runs made by finetune.py
 
     def validate(self) -> RunConfig:
         self.model.validate()
         self.train.validate()
+        if self.finetune is not None:
+            self.finetune.validate()
         if self.train.image_size % self.model.downscale:
             raise ConfigError("train.image_size must be divisible by model.downscale")
         if self.model.patch > self.train.image_size:
@@ -99,12 +146,14 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
     """Builds a RunConfig from a (possibly partial) nested dict; missing fields keep defaults."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a JSON object")
-    unknown = set(data) - {"model", "train"}
+    unknown = set(data) - {"model", "train", "finetune"}
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}")
     model = _build(ModelConfig, data.get("model", {}), f"{where} [model]")
     train = _build(TrainConfig, data.get("train", {}), f"{where} [train]")
-    return RunConfig(model=model, train=train).validate()
+    ft = data.get("finetune")
+    finetune = None if ft is None else _build(FinetuneConfig, ft, f"{where} [finetune]")
+    return RunConfig(model=model, train=train, finetune=finetune).validate()
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

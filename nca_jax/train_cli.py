@@ -16,8 +16,11 @@ PHANTOM_TRAIN_SEED, PHANTOM_VAL_SEED, PHANTOM_TEST_SEED = 1000, 2000, 3000
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train Med-NCA on labelled images.")
-    p.add_argument("--data", help="folder with images/ + masks/ (or imagesTr/ + labelsTr/); "
-                   "default: the embedded synthetic phantoms")
+    p.add_argument(
+        "--data",
+        help="folder with images/ + masks/ (or imagesTr/ + labelsTr/); "
+        "default: the embedded synthetic phantoms",
+    )
     p.add_argument("--split", help="text file of case names to train on (default: all)")
     p.add_argument("--val", help="validation folder; the best-Dice weights become weights.npz")
     p.add_argument("--val-split", help="text file of validation case names")
@@ -33,8 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_labelled(folder: str | None, split: str | None, size: int, n_phantoms: int,
-                  phantom_seed: int) -> Dataset:
+def load_labelled(
+    folder: str | None, split: str | None, size: int, n_phantoms: int, phantom_seed: int
+) -> Dataset:
     if folder is None:
         return make_phantom_dataset(n_phantoms, phantom_seed, size)
     if split:
@@ -54,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     val = None
     if a.val or a.data is None:
         val = load_labelled(a.val, a.val_split, size, max(a.phantoms // 4, 4), PHANTOM_VAL_SEED)
-    summary = train_and_evaluate(cfg, train, a.out, val=val, resume=a.resume,
-                                 progress=not a.no_progress)
-    print(f"trained {summary['steps']} steps; weights: {summary.get('weights')}; "
-          f"best validation Dice: {summary['best_val_dice']}")
+    summary = train_and_evaluate(
+        cfg, train, a.out, val=val, resume=a.resume, progress=not a.no_progress
+    )
+    print(
+        f"trained {summary['steps']} steps; weights: {summary.get('weights')}; "
+        f"best validation Dice: {summary['best_val_dice']}"
+    )
     return 0
 
 

@@ -47,10 +47,9 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: global optimizer step
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(tc: TrainConfig | FinetuneConfig) -> optax.GradientTransformation:
     """Adam with the learning rate decayed by tc.lr_decay every step."""
-    schedule = optax.exponential_decay(tc.lr, transition_steps=1, decay_rate=tc.lr_decay)
-    return optax.adam(schedule, b1=tc.beta1, b2=tc.beta2)
+    return optax.adam(make_optimizer_schedule(tc), b1=tc.beta1, b2=tc.beta2)
 
 
 def init_state(cfg: RunConfig, params: Params | None = None) -> TrainState:
@@ -61,43 +60,54 @@ def init_state(cfg: RunConfig, params: Params | None = None) -> TrainState:
     return TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))
 
 
-def make_train_step(
-    cfg: RunConfig,
-) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
-    """Returns jit(train_step)(state, images (B,H,W), masks (B,H,W), step_key) -> (state, info).
+LossFn = Callable[[Params, dict[str, jax.Array], jax.Array], tuple[jax.Array, jax.Array]]
 
-    The model's randomness is fold_in(step_key, state.step). The state is donated. A step whose
-    patch labels are all empty (with skip_empty_patches) or whose loss is not finite leaves the
-    state's parameters and Adam state unchanged; info says which happened."""
-    mc, tc = cfg.model, cfg.train
-    opt = make_optimizer(tc)
 
-    def loss_fn(params: Params, images: jax.Array, masks: jax.Array, key: jax.Array):
-        logits, target = train_logits(params, images, masks, cfg=mc, key=key, unroll=mc.unroll)
-        loss = segmentation_loss(logits, target, kind=tc.loss, focal_gamma=tc.focal_gamma)
-        return loss, jnp.sum(target)
+def make_update_step(
+    opt: optax.GradientTransformation, loss_fn: LossFn
+) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
+    """jit(step)(state, batch, step_key) -> (state, info); the state is donated.
 
-    def step(state: TrainState, images: jax.Array, masks: jax.Array, step_key: jax.Array):
+    loss_fn(params, batch, key) -> (loss, skip) where skip (bool scalar) asks to leave the
+    state unchanged. The model's randomness is fold_in(step_key, state.step). A step whose loss
+    or gradient is not finite also leaves parameters and Adam state unchanged; info says which
+    happened (loss, finite, skipped)."""
+
+    def step(state: TrainState, batch: dict[str, jax.Array], step_key: jax.Array):
         key = jax.random.fold_in(step_key, state.step)
-        (loss, fg), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, images, masks, key
-        )
+        (loss, skip), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.all(
-            jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
-        )
-        skipped = (fg == 0) if tc.skip_empty_patches else jnp.array(False)
-        keep = finite & ~skipped
+        leaves = jax.tree_util.tree_leaves(grads)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves]))
+        keep = finite & ~skip
         params, opt_state = jax.tree_util.tree_map(
             lambda new, old: jnp.where(keep, new, old),
             (params, opt_state),
             (state.params, state.opt_state),
         )
-        info = {"loss": loss, "finite": finite, "skipped": skipped}
+        info = {"loss": loss, "finite": finite, "skipped": skip}
         return TrainState(params, opt_state, state.step + 1), info
 
     return jax.jit(step, donate_argnums=0)
+
+
+def make_train_step(
+    cfg: RunConfig,
+) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
+    """Supervised step: batch {'images': (B,H,W), 'masks': (B,H,W)}. With skip_empty_patches,
+    a step whose patch labels are all empty changes nothing (as in the authors' code)."""
+    mc, tc = cfg.model, cfg.train
+
+    def loss_fn(params: Params, batch: dict[str, jax.Array], key: jax.Array):
+        logits, target = train_logits(
+            params, batch["images"], batch["masks"], cfg=mc, key=key, unroll=mc.unroll
+        )
+        loss = segmentation_loss(logits, target, kind=tc.loss, focal_gamma=tc.focal_gamma)
+        skip = (jnp.sum(target) == 0) if tc.skip_empty_patches else jnp.array(False)
+        return loss, skip
+
+    return make_update_step(make_optimizer(tc), loss_fn)
 
 
 def make_predict(
@@ -176,21 +186,62 @@ def train_and_evaluate(
     `stop_after_epochs` ends the call early (as an interruption would), for tests.
     Returns the run summary also written to run.json."""
     cfg.validate()
-    tc, mc = cfg.train, cfg.model
-    out = Path(out)
     if train.masks is None:
         raise TrainingError(f"{train.source}: training needs masks")
-    n = len(train.images)
-    batch = min(tc.batch_size, n)
+    return fit(
+        cfg,
+        cfg.train,
+        init_state(cfg),
+        make_train_step(cfg),
+        {"images": train.images, "masks": train.masks},
+        out,
+        val=val,
+        resume=resume,
+        progress=progress,
+        stop_after_epochs=stop_after_epochs,
+        schedule=make_optimizer_schedule(cfg.train),
+        log=log,
+        summary_extra={"train_source": train.source},
+    )
+
+
+def fit(
+    cfg: RunConfig,
+    loop: Any,
+    state: TrainState,
+    step_fn: Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]],
+    fixed: dict[str, np.ndarray],
+    out: str | Path,
+    *,
+    carried: dict[str, np.ndarray] | None = None,
+    refresh: Callable[[int, Params], dict[str, np.ndarray]] | None = None,
+    val: Dataset | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+    schedule: optax.Schedule | None = None,
+    log: Callable[[str], None] = print,
+    summary_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The epoch loop shared by training and fine-tuning; writes the run folder `out`.
+
+    loop: the config section with epochs, batch_size, seed, checkpoint_every, eval_every,
+    eval_samples, keep_checkpoints. fixed / carried: per-example arrays (N, ...) that are
+    batched together; `carried` ones (e.g. VWSL targets) are checkpointed with the state and
+    may be replaced by `refresh(epoch, params)` at the start of an epoch (None = keep).
+    step_fn(state, batch dict, step_key) -> (state, info with loss, finite, skipped)."""
+    out = Path(out)
+    carried = dict(carried or {})
+    n = len(next(iter(fixed.values())))
+    batch = min(loop.batch_size, n)
     per_epoch = n // batch
-    root = jax.random.key(tc.seed)
+    root = jax.random.key(loop.seed)
     data_key, step_key = jax.random.fold_in(root, DATA_KEY), jax.random.fold_in(root, STEP_KEY)
     eval_key = jax.random.fold_in(root, EVAL_KEY)
 
     out.mkdir(parents=True, exist_ok=True)
-    mngr = ckpt.checkpoint_manager(out / "checkpoints", tc.keep_checkpoints)
+    mngr = ckpt.checkpoint_manager(out / "checkpoints", loop.keep_checkpoints)
     metrics_path = out / "metrics.jsonl"
-    state = init_state(cfg)
     start_epoch, best = 0, {"val_dice": -1.0, "epoch": None}
     if resume:
         if mngr.latest_step() is None:
@@ -198,8 +249,10 @@ def train_and_evaluate(
         saved = load_config(out / "config.json")
         if saved != cfg:
             raise ckpt.RunError(f"{out}: --resume with a config that differs from config.json")
-        restored = ckpt.restore_checkpoint(mngr, {"state": state, "best": _best_like()})
+        like = {"state": state, "best": _best_like(), "carried": carried}
+        restored = ckpt.restore_checkpoint(mngr, like)
         state = TrainState(*restored["state"])
+        carried = {k: np.asarray(v) for k, v in restored["carried"].items()}
         best = {k: v.item() for k, v in restored["best"].items()}
         best["epoch"] = None if best["epoch"] < 0 else int(best["epoch"])
         start_epoch = int(state.step) // per_epoch
@@ -211,20 +264,22 @@ def train_and_evaluate(
         metrics_path.unlink(missing_ok=True)
     save_config(cfg, out / "config.json")
 
-    step_fn = make_train_step(cfg)
-    predict = make_predict(mc, tc.eval_samples) if val is not None else None
-    images = jnp.asarray(train.images)
-    masks = jnp.asarray(train.masks)
-    end_epoch = tc.epochs if stop_after_epochs is None else min(tc.epochs, stop_after_epochs)
+    predict = make_predict(cfg.model, loop.eval_samples) if val is not None else None
+    fixed_j = {k: jnp.asarray(v) for k, v in fixed.items()}
+    end_epoch = loop.epochs if stop_after_epochs is None else min(loop.epochs, stop_after_epochs)
     bar = tqdm(total=(end_epoch - start_epoch) * per_epoch, disable=not progress, unit="step")
     t_start = time.perf_counter()
     last_good = mngr.latest_step()
     for epoch in range(start_epoch, end_epoch):
+        if refresh is not None:
+            new = refresh(epoch, state.params)
+            carried = carried if new is None else new
+        arrays = {**fixed_j, **{k: jnp.asarray(v) for k, v in carried.items()}}
         order = epoch_order(data_key, epoch, n)
         losses, skipped, t0 = [], 0, time.perf_counter()
         for b in range(per_epoch):
             idx = order[b * batch : (b + 1) * batch]
-            state, info = step_fn(state, images[idx], masks[idx], step_key)
+            state, info = step_fn(state, {k: v[idx] for k, v in arrays.items()}, step_key)
             loss = float(info["loss"])
             if not bool(info["finite"]):
                 bar.close()
@@ -245,10 +300,11 @@ def train_and_evaluate(
             "skipped_steps": skipped,
             "epoch_s": dt,
             "images_per_s": per_epoch * batch / dt,
-            "lr": float(make_optimizer_schedule(tc)(int(state.step))),
         }
+        if schedule is not None:
+            row["lr"] = float(schedule(int(state.step)))
         last = epoch + 1 == end_epoch
-        if val is not None and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs):
+        if val is not None and ((epoch + 1) % loop.eval_every == 0 or epoch + 1 == loop.epochs):
             probs = predict_dataset(predict, state.params, val.images, eval_key)
             row["val_dice"] = validation_dice(probs, val.masks)
             if row["val_dice"] > best["val_dice"]:
@@ -256,14 +312,13 @@ def train_and_evaluate(
                 ckpt.save_weights(state.params, out / "weights_best.npz")
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if (epoch + 1) % tc.checkpoint_every == 0 or last:
-            ckpt.save_checkpoint(
-                mngr, int(state.step), {"state": state, "best": _best_arrays(best)}
-            )
+        if (epoch + 1) % loop.checkpoint_every == 0 or last:
+            tree = {"state": state, "best": _best_arrays(best), "carried": carried}
+            ckpt.save_checkpoint(mngr, int(state.step), tree)
             last_good = int(state.step)
     bar.close()
     wall = time.perf_counter() - t_start
-    finished = end_epoch == tc.epochs
+    finished = end_epoch == loop.epochs
     summary = {
         "finished": finished,
         "epochs_done": end_epoch,
@@ -271,7 +326,7 @@ def train_and_evaluate(
         "batch_size": batch,
         "steps_per_epoch": per_epoch,
         "wall_s_this_call": wall,
-        "train_source": train.source,
+        **(summary_extra or {}),
         "n_train": n,
         "val_source": None if val is None else val.source,
         "best_val_dice": None if best["epoch"] is None else best["val_dice"],
@@ -291,7 +346,7 @@ def train_and_evaluate(
     return summary
 
 
-def make_optimizer_schedule(tc: TrainConfig) -> optax.Schedule:
+def make_optimizer_schedule(tc: TrainConfig | FinetuneConfig) -> optax.Schedule:
     return optax.exponential_decay(tc.lr, transition_steps=1, decay_rate=tc.lr_decay)
 
 

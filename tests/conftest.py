@@ -10,8 +10,9 @@ def tiny_cfg() -> RunConfig:
     """A tiny Med-NCA (32 px, 4 steps per level) that compiles and runs in about a second."""
     return RunConfig(
         model=ModelConfig(channels=8, hidden=16, steps=4, patch=16, downscale=4),
-        train=TrainConfig(epochs=2, batch_size=4, image_size=32, checkpoint_every=1,
-                          eval_every=1, lr=5e-3),
+        train=TrainConfig(
+            epochs=2, batch_size=4, image_size=32, checkpoint_every=1, eval_every=1, lr=5e-3
+        ),
     ).validate()
 
 

@@ -20,8 +20,9 @@ def phantoms():
 
 
 def _fixed_loss(cfg, params, data):
-    logits, target = train_logits(params, data.images[:4], data.masks[:4], cfg=cfg.model,
-                                  key=jax.random.key(123))
+    logits, target = train_logits(
+        params, data.images[:4], data.masks[:4], cfg=cfg.model, key=jax.random.key(123)
+    )
     return float(segmentation_loss(logits, target))
 
 
@@ -33,7 +34,7 @@ def test_training_lowers_the_loss(tiny_cfg, phantoms):
     imgs, masks = jnp.asarray(phantoms.images), jnp.asarray(phantoms.masks)
     for i in range(25):
         idx = np.arange(4) + 4 * (i % 2)
-        state, info = step(state, imgs[idx], masks[idx], jax.random.key(0))
+        state, info = step(state, {"images": imgs[idx], "masks": masks[idx]}, jax.random.key(0))
         assert bool(info["finite"])
     after = _fixed_loss(cfg, state.params, phantoms)
     assert int(state.step) == 25
@@ -45,7 +46,8 @@ def test_empty_patch_labels_skip_the_update(tiny_cfg, phantoms):
     before = jax.tree_util.tree_map(np.asarray, state.params)
     step = make_train_step(tiny_cfg)
     zeros = jnp.zeros((4, 32, 32))
-    state, info = step(state, jnp.asarray(phantoms.images[:4]), zeros, jax.random.key(0))
+    batch = {"images": jnp.asarray(phantoms.images[:4]), "masks": zeros}
+    state, info = step(state, batch, jax.random.key(0))
     assert bool(info["skipped"])
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, state.params)
     assert int(state.step) == 1
@@ -54,11 +56,13 @@ def test_empty_patch_labels_skip_the_update(tiny_cfg, phantoms):
 def test_resume_equals_an_uninterrupted_run(tiny_cfg, phantoms, tmp_path):
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, epochs=3))
     full = train_and_evaluate(cfg, phantoms, tmp_path / "full", val=phantoms, progress=False)
-    part = train_and_evaluate(cfg, phantoms, tmp_path / "part", val=phantoms, progress=False,
-                              stop_after_epochs=2)
+    part = train_and_evaluate(
+        cfg, phantoms, tmp_path / "part", val=phantoms, progress=False, stop_after_epochs=2
+    )
     assert not part["finished"] and not (tmp_path / "part" / "weights.npz").exists()
-    resumed = train_and_evaluate(cfg, phantoms, tmp_path / "part", val=phantoms, resume=True,
-                                 progress=False)
+    resumed = train_and_evaluate(
+        cfg, phantoms, tmp_path / "part", val=phantoms, resume=True, progress=False
+    )
     assert resumed["steps"] == full["steps"] == 3 * 2
     for name in ("weights_last.npz", "weights.npz"):
         a = np.load(tmp_path / "full" / name)
@@ -92,7 +96,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, phan
     bad_images = phantoms.images.copy()
     bad_images[:] = np.nan
     bad = Dataset(phantoms.names, bad_images, phantoms.masks, "nan-images")
-    with pytest.raises(TrainingError, match=r"non-finite loss at step 2 .*last good checkpoint: step 2"):
+    with pytest.raises(
+        TrainingError, match=r"non-finite loss at step 2 .*last good checkpoint: step 2"
+    ):
         train_and_evaluate(tiny_cfg, bad, tmp_path / "r", resume=True, progress=False)
     assert good == 2
     assert ckpt.checkpoint_manager(tmp_path / "r" / "checkpoints", 2).latest_step() == good

@@ -1,0 +1,187 @@
+"""Evaluation of a trained run on a folder: per-case Dice, soft Dice, HD95, quality score,
+a nnU-Net-style `summary.json`, and PNGs (predicted mask, std map, overlay) per case.
+
+Every image is predicted alone (a batch of one: batch norm uses that image's own statistics),
+`samples` times with keys fold_in(fold_in(key(seed), i), j); the prediction is the mean of the
+sigmoid probabilities thresholded at 0.5. Usage:
+    python evaluate.py --run RUN --data DIR --out OUT [--samples 10] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from nca_jax import checkpoint as ckpt
+from nca_jax.cli import run_cli
+from nca_jax.config import RunConfig
+from nca_jax.data import Dataset, load_folder, load_split
+from nca_jax.metrics import case_metrics, summarize
+from nca_jax.model import Params
+from nca_jax.training import make_predict, predict_dataset
+
+STD_DISPLAY_MAX = 0.5  # the largest possible std of a probability: maps to white / top colour
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def overlay_rgb(image: np.ndarray, pred: np.ndarray, target: np.ndarray | None) -> np.ndarray:
+    """(H, W) image and boolean masks -> (H, W, 3) uint8: prediction outline red, truth green."""
+    grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    rgb = np.stack([grey] * 3, -1)
+    if target is not None:
+        rgb[_boundary(target)] = (0, 255, 0)
+    rgb[_boundary(pred)] = (255, 0, 0)
+    return rgb
+
+
+def std_rgb(std: np.ndarray) -> np.ndarray:
+    """(H, W) per-pixel std in [0, 0.5] -> (H, W, 3) uint8 with the 'magma' colour map."""
+    from matplotlib import colormaps
+
+    return (colormaps["magma"](np.clip(std / STD_DISPLAY_MAX, 0, 1))[..., :3] * 255).astype(
+        np.uint8
+    )
+
+
+def write_case_pngs(
+    folder: Path, name: str, image: np.ndarray, probs: np.ndarray, target: np.ndarray | None
+) -> None:
+    """probs (S, H, W) -> NAME_pred.png (0/255), NAME_std.png (colour), NAME_overlay.png."""
+    pred = probs.mean(0) > 0.5
+    Image.fromarray((pred * 255).astype(np.uint8)).save(folder / f"{name}_pred.png")
+    Image.fromarray(std_rgb(probs.std(0))).save(folder / f"{name}_std.png")
+    tgt = None if target is None else target > 0.5
+    Image.fromarray(overlay_rgb(image, pred, tgt)).save(folder / f"{name}_overlay.png")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def evaluate(
+    cfg: RunConfig,
+    params: Params,
+    data: Dataset,
+    *,
+    samples: int = 10,
+    seed: int = 0,
+    chunk: int = 4,
+    png_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Scores `params` on `data` (masks optional). Returns the summary dict (see module doc)."""
+    t0 = time.perf_counter()
+    predict = make_predict(cfg.model, samples)
+    probs = predict_dataset(predict, params, data.images, jax.random.key(seed), chunk=chunk)
+    cases = []
+    for i, name in enumerate(data.names):
+        target = None if data.masks is None else data.masks[i] > 0.5
+        row = {"name": name, **case_metrics(probs[:, i], target)}
+        cases.append(row)
+        if png_dir is not None:
+            write_case_pngs(png_dir, name, data.images[i], probs[:, i], target)
+    out: dict[str, Any] = {"n": len(cases), "samples": samples, "seed": seed}
+    keys = ["quality", "fg_fraction"] + (
+        ["dice", "soft_dice", "hd95"] if data.masks is not None else []
+    )
+    for k in keys:
+        s = summarize([c[k] for c in cases])
+        out[f"{k}_mean"], out[f"{k}_std"] = s["mean"], s["std"]
+        if k == "hd95":
+            out["hd95_undefined"] = s["n_nan"]
+    out["seconds"] = time.perf_counter() - t0
+    out["cases"] = cases
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate a trained Med-NCA run on a folder.")
+    p.add_argument("--run", required=True, help="run folder (config.json + weights.npz)")
+    p.add_argument(
+        "--weights", help="weights .npz to use instead of the run's (e.g. from a device)"
+    )
+    p.add_argument("--data", help="folder with images/ (+ masks/); default: embedded phantoms")
+    p.add_argument("--split", help="text file of case names to evaluate (default: all)")
+    p.add_argument("--no-masks", action="store_true", help="predict only; never read masks")
+    p.add_argument("--out", required=True, help="output folder (must not exist, or --overwrite)")
+    p.add_argument("--samples", type=int, default=10, help="stochastic predictions per image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=4, help="images per jitted call")
+    p.add_argument("--no-png", action="store_true", help="skip the per-case PNGs")
+    p.add_argument("--overwrite", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.samples < 1 or a.chunk < 1:
+        raise ckpt.RunError("--samples and --chunk must be >= 1")
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not a.overwrite:
+        raise ckpt.RunError(f"{out}: exists and is not empty (use --overwrite)")
+    cfg, params = ckpt.load_run(a.run, a.weights)
+    size = cfg.train.image_size
+    if a.data is None:
+        from nca_jax.phantoms import make_phantom_dataset
+        from nca_jax.train_cli import PHANTOM_TEST_SEED
+
+        data = make_phantom_dataset(20, PHANTOM_TEST_SEED, size)
+    elif a.split:
+        data = load_split(a.data, a.split, size=size, require_masks=not a.no_masks)
+    else:
+        data = load_folder(a.data, size=size, require_masks=not a.no_masks)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        png_dir = None
+        if not a.no_png:
+            png_dir = tmp / "cases"
+            png_dir.mkdir()
+        summary = evaluate(
+            cfg, params, data, samples=a.samples, seed=a.seed, chunk=a.chunk, png_dir=png_dir
+        )
+        wpath = Path(a.weights) if a.weights else Path(a.run) / "weights.npz"
+        summary = {
+            "run": str(a.run),
+            "weights": str(wpath),
+            "weights_sha256": _sha256(wpath),
+            "data": data.source,
+            "split": a.split,
+            "config": cfg.to_dict(),
+            **summary,
+        }
+        ckpt.write_json(tmp / "summary.json", summary)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    msg = f"n={summary['n']}"
+    if "dice_mean" in summary:
+        msg += (
+            f" Dice {summary['dice_mean']:.4f} +- {summary['dice_std']:.4f}"
+            f"  soft Dice {summary['soft_dice_mean']:.4f}  HD95 {summary['hd95_mean']:.2f} px"
+        )
+    print(f"{msg}  quality {summary['quality_mean']:.4f}  -> {out / 'summary.json'}")
+    return 0
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,118 @@
+"""`python finetune.py`: VWSL fine-tuning of a trained run on a folder of unlabelled images."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from nca_jax import checkpoint as ckpt
+from nca_jax.cli import run_cli
+from nca_jax.config import ConfigError, FinetuneConfig, load_config
+from nca_jax.data import load_folder, load_split
+from nca_jax.finetuning import finetune
+from nca_jax.training import TrainingError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="VWSL fine-tuning on unlabelled images (no masks read)."
+    )
+    p.add_argument("--run", required=True, help="trained run folder (config.json + weights.npz)")
+    p.add_argument("--weights", help="weights .npz to start from instead of the run's")
+    p.add_argument("--data", required=True, help="folder with images/ (masks are never read)")
+    p.add_argument("--split", help="text file of case names to use (default: all)")
+    p.add_argument("--out", required=True, help="new run folder")
+    p.add_argument("--config", help="JSON with a 'finetune' section (or the section itself)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--gamma", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--samples", type=int)
+    p.add_argument("--refresh-every", type=int)
+    p.add_argument("--target-reduce", choices=["median", "mean"])
+    p.add_argument("--weight-kind", choices=["std", "var"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--no-uncertainty-after",
+        action="store_true",
+        help="skip the std maps / quality scores after fine-tuning",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def build_config(a: argparse.Namespace) -> FinetuneConfig:
+    base = FinetuneConfig()
+    if a.config:
+        try:
+            data = json.loads(Path(a.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{a.config}: not a readable JSON config ({e})") from e
+        section = data.get("finetune", data) if isinstance(data, dict) else None
+        if not isinstance(section, dict):
+            raise ConfigError(f"{a.config}: expected a JSON object")
+        names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        if set(section) - names:
+            raise ConfigError(
+                f"{a.config}: unknown finetune field(s) {sorted(set(section) - names)}"
+            )
+        base = FinetuneConfig(**section)
+    over = {
+        "epochs": a.epochs,
+        "gamma": a.gamma,
+        "lr": a.lr,
+        "batch_size": a.batch_size,
+        "samples": a.samples,
+        "refresh_every": a.refresh_every,
+        "target_reduce": a.target_reduce,
+        "weight_kind": a.weight_kind,
+        "seed": a.seed,
+    }
+    fc = dataclasses.replace(
+        base, **{k: v for k, v in over.items() if v is not None}, source_run=str(a.run)
+    )
+    fc.validate()
+    return fc
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    out = Path(a.out)
+    if a.resume and (out / "config.json").exists():
+        saved = load_config(out / "config.json")
+        if saved.finetune is None:
+            raise ckpt.RunError(f"{out}: not a fine-tuning run")
+        fc = saved.finetune
+    else:
+        fc = build_config(a)  # bad gamma / lr: error before anything is read or written
+    source, params = ckpt.load_run(a.run, a.weights)
+    size = source.train.image_size
+    if a.split:
+        data = load_split(a.data, a.split, size=size, require_masks=False)
+    else:
+        data = load_folder(a.data, size=size, require_masks=False)
+    s = finetune(
+        source,
+        params,
+        data,
+        out,
+        fc,
+        resume=a.resume,
+        progress=not a.no_progress,
+        uncertainty_after=not a.no_uncertainty_after,
+    )
+    msg = f"fine-tuned {s['steps']} steps on {s['n_train']} unlabelled images -> {out}"
+    if "quality_before_mean" in s:
+        msg += (
+            f"; mean quality score {s['quality_before_mean']:.4f} -> "
+            f"{s['quality_after_mean']:.4f} (lower = surer)"
+        )
+    print(msg)
+    return 0
+
+
+def cli() -> None:
+    run_cli(main, extra=(TrainingError,))

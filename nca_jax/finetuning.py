@@ -1,0 +1,152 @@
+"""VWSL fine-tuning of a trained Med-NCA on unlabelled images (never reads masks).
+
+The fine-tuned run is a normal run folder (config.json with a `finetune` section, weights.npz,
+checkpoints, metrics.jsonl) that evaluate.py accepts, plus `uncertainty.json` and
+`uncertainty/NAME_std_{before,after}.png`: per-image quality scores and std maps of the model
+before and after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+
+from nca_jax import checkpoint as ckpt
+from nca_jax.config import FinetuneConfig, RunConfig
+from nca_jax.data import Dataset
+from nca_jax.metrics import quality_score
+from nca_jax.model import Params
+from nca_jax.training import (
+    TrainState,
+    fit,
+    make_optimizer,
+    make_optimizer_schedule,
+    make_predict,
+    make_update_step,
+    predict_dataset,
+)
+from nca_jax.vwsl import targets_from_probs, vwsl_loss
+
+TARGET_KEY, UNCERTAINTY_KEY = 10, 11
+
+
+def make_finetune_step(cfg: RunConfig) -> Callable:
+    """VWSL step: batch {'images', 'targets', 'weights'} each (B, H, W)."""
+    fc = cfg.finetune
+
+    def loss_fn(params: Params, batch: dict[str, jax.Array], key: jax.Array):
+        loss, _ = vwsl_loss(
+            params,
+            batch["images"],
+            batch["targets"],
+            batch["weights"],
+            cfg=cfg.model,
+            fc=fc,
+            key=key,
+        )
+        return loss, jax.numpy.array(False)
+
+    return make_update_step(make_optimizer(fc), loss_fn)
+
+
+def sample(params: Params, cfg: RunConfig, images: np.ndarray, key: jax.Array) -> np.ndarray:
+    """cfg.finetune.samples predictions per image: (S, N, H, W) probabilities."""
+    return predict_dataset(make_predict(cfg.model, cfg.finetune.samples), params, images, key)
+
+
+def _write_std_pngs(folder: Path, names: tuple[str, ...], probs: np.ndarray, tag: str) -> None:
+    from nca_jax.evaluate import std_rgb
+
+    folder.mkdir(exist_ok=True)
+    for i, name in enumerate(names):
+        tmp = folder / f".{name}_std_{tag}.tmp.png"
+        Image.fromarray(std_rgb(probs[:, i].std(0))).save(tmp)
+        tmp.replace(folder / f"{name}_std_{tag}.png")
+
+
+def finetune(
+    source: RunConfig,
+    params: Params,
+    data: Dataset,
+    out: str | Path,
+    fc: FinetuneConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    uncertainty_after: bool = True,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Fine-tunes `params` (trained with config `source`) on data.images with VWSL.
+
+    data: images (N, H, W); data.masks is ignored (and should be None). Returns the summary."""
+    cfg = dataclasses.replace(source, finetune=fc).validate()
+    out = Path(out)
+    root = jax.random.key(fc.seed)
+    target_key = jax.random.fold_in(root, TARGET_KEY)
+
+    carried: dict[str, np.ndarray] = {}
+    if not resume:  # targets from the source model, computed once (saved in the checkpoints)
+        if (out / "config.json").exists():
+            raise ckpt.RunError(f"{out}: already holds a run (use --resume or another --out)")
+        probs_before = sample(params, cfg, data.images, target_key)
+        t, w = targets_from_probs(probs_before, fc.target_reduce, fc.weight_kind)
+        carried = {"targets": np.asarray(t), "weights": np.asarray(w)}
+        out.mkdir(parents=True, exist_ok=True)
+        _write_std_pngs(out / "uncertainty", data.names, probs_before, "before")
+        rows = {
+            n: {"quality_before": quality_score(probs_before[:, i])}
+            for i, n in enumerate(data.names)
+        }
+        ckpt.write_json(out / "uncertainty.json", rows)
+    else:
+        shape = data.images.shape
+        carried = {"targets": np.zeros(shape, np.float32), "weights": np.zeros(shape, np.float32)}
+
+    def refresh(epoch: int, p: Params) -> dict[str, np.ndarray] | None:
+        if fc.refresh_every <= 0 or epoch == 0 or epoch % fc.refresh_every:
+            return None
+        probs = sample(p, cfg, data.images, jax.random.fold_in(target_key, epoch))
+        t, w = targets_from_probs(probs, fc.target_reduce, fc.weight_kind)
+        return {"targets": np.asarray(t), "weights": np.asarray(w)}
+
+    state = TrainState(params, make_optimizer(fc).init(params), jax.numpy.zeros((), "int32"))
+    summary = fit(
+        cfg,
+        fc,
+        state,
+        make_finetune_step(cfg),
+        {"images": data.images},
+        out,
+        carried=carried,
+        refresh=refresh,
+        resume=resume,
+        progress=progress,
+        stop_after_epochs=stop_after_epochs,
+        schedule=make_optimizer_schedule(fc),
+        log=log,
+        summary_extra={"finetune_source": data.source, "source_run": fc.source_run},
+    )
+    if summary["finished"] and uncertainty_after:
+        _, final = ckpt.load_run(out)
+        ukey = jax.random.fold_in(root, UNCERTAINTY_KEY)
+        probs_after = sample(final, cfg, data.images, ukey)
+        _write_std_pngs(out / "uncertainty", data.names, probs_after, "after")
+        path = out / "uncertainty.json"
+        rows = json.loads(path.read_text()) if path.exists() else {}
+        for i, n in enumerate(data.names):
+            rows.setdefault(n, {})["quality_after"] = quality_score(probs_after[:, i])
+        q = [r for r in rows.values() if "quality_before" in r and "quality_after" in r]
+        if q:
+            summary["quality_before_mean"] = float(np.mean([r["quality_before"] for r in q]))
+            summary["quality_after_mean"] = float(np.mean([r["quality_after"] for r in q]))
+        ckpt.write_json(path, rows)
+        ckpt.write_json(out / "run.json", summary)
+    return summary

@@ -1,0 +1,138 @@
+"""VWSL (variance-weighted segmentation loss): unsupervised targets and loss for fine-tuning.
+
+Targets: `samples` stochastic full-image predictions of the model per image, all in ONE jitted
+vmap over keys; the surrogate target is the 0.5-threshold of their median (authors' code) or
+mean (paper); the weight map is w = 1 - 2 std (authors' code) or 1 - 4 var (the paper writes
+Var; scaled so it also lies in [0, 1]) of the sigmoid probabilities: w = 1 where all samples agree.
+Loss: weighted soft Dice + weighted BCE (or focal) against the target on level 2's patch, plus
+gamma * consistency: the mean L1 between the sigmoids of two runs of the SAME level with
+different keys on the same input, at level 1 and (divided by 16) at level 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nca_jax.config import FinetuneConfig, ModelConfig
+from nca_jax.losses import segmentation_loss
+from nca_jax.model import (
+    Params,
+    crop_patches,
+    downscale,
+    draw_patch_corners,
+    rollout,
+    seed_state,
+    upscale,
+)
+from nca_jax.model import _as_nhwc as as_nhwc
+
+LEVEL2_CONSISTENCY_DIVISOR = 16.0  # as in the authors' code
+KEY_A1, KEY_B1, KEY_A2, KEY_B2 = 11, 12, 21, 22
+
+
+def targets_from_probs(
+    probs: Any, reduce: str = "median", weight_kind: str = "std"
+) -> tuple[Any, Any]:
+    """probs (S, N, H, W) in [0, 1] -> (target (N, H, W) in {0, 1}, weight (N, H, W) in [0, 1])."""
+    xp = jnp if isinstance(probs, jax.Array) else np
+    center = xp.median(probs, axis=0) if reduce == "median" else xp.mean(probs, axis=0)
+    target = (center > 0.5).astype(xp.float32)
+    if weight_kind == "std":
+        w = 1.0 - 2.0 * xp.std(probs, axis=0)
+    elif weight_kind == "var":
+        w = 1.0 - 4.0 * xp.var(probs, axis=0)
+    else:
+        raise ValueError(f"unknown weight kind {weight_kind!r}")
+    return target, xp.clip(w, 0.0, 1.0).astype(xp.float32)
+
+
+def make_targets(
+    params: Params,
+    images: np.ndarray,
+    *,
+    cfg: ModelConfig,
+    fc: FinetuneConfig,
+    key: jax.Array,
+    chunk: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """images (N, H, W) -> (targets, weights), each (N, H, W) float32: fc.samples predictions of
+    every image (alone in its batch, keys fold_in(fold_in(key, i), j)) reduced as configured."""
+    from nca_jax.training import make_predict, predict_dataset
+
+    probs = predict_dataset(make_predict(cfg, fc.samples), params, images, key, chunk=chunk)
+    t, w = targets_from_probs(probs, fc.target_reduce, fc.weight_kind)
+    return np.asarray(t, np.float32), np.asarray(w, np.float32)
+
+
+def l1_sigmoid(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Mean |sigmoid(a) - sigmoid(b)|."""
+    return jnp.mean(jnp.abs(jax.nn.sigmoid(a) - jax.nn.sigmoid(b)))
+
+
+def vwsl_terms(
+    params: Params,
+    images: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    cfg: ModelConfig,
+    keys: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    patch_yx: jax.Array,
+    loss: str = "dice_bce",
+    focal_gamma: float = 2.0,
+    unroll: bool = True,
+) -> dict[str, jax.Array]:
+    """The loss terms for images, targets, weights (B, H, W) with explicit keys.
+
+    keys = (level-1 run a, level-1 run b, level-2 run a, level-2 run b); patch_yx (B, 2).
+    Run a of each level feeds the next level and the segmentation loss; run b only the
+    consistency term. Returns {'seg', 'cons1', 'cons2'} (cons2 already divided by 16)."""
+    ka1, kb1, ka2, kb2 = keys
+    image = as_nhwc(images)
+    low = downscale(image, cfg.downscale)
+    seed = seed_state(low, cfg.channels)
+    s1a = rollout(params["level1"], seed, low, cfg=cfg, key=ka1, unroll=unroll)
+    s1b = rollout(params["level1"], seed, low, cfg=cfg, key=kb1, unroll=unroll)
+    full = jnp.concatenate([image, upscale(s1a, cfg.downscale)[..., 1:]], axis=-1)
+    patch = crop_patches(full, patch_yx, cfg.patch)
+    tgt = crop_patches(targets, patch_yx, cfg.patch)
+    w = crop_patches(weights, patch_yx, cfg.patch)
+    o2a = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, key=ka2, unroll=unroll)
+    o2b = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, key=kb2, unroll=unroll)
+    return {
+        "seg": segmentation_loss(o2a[..., 1], tgt, w, kind=loss, focal_gamma=focal_gamma),
+        "cons1": l1_sigmoid(s1a[..., 1], s1b[..., 1]),
+        "cons2": l1_sigmoid(o2a[..., 1], o2b[..., 1]) / LEVEL2_CONSISTENCY_DIVISOR,
+    }
+
+
+def vwsl_loss(
+    params: Params,
+    images: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    cfg: ModelConfig,
+    fc: FinetuneConfig,
+    key: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """seg + gamma * (cons1 + cons2), all randomness from `key`. Returns (loss, terms)."""
+    keys = tuple(jax.random.fold_in(key, t) for t in (KEY_A1, KEY_B1, KEY_A2, KEY_B2))
+    yx = draw_patch_corners(key, cfg, images.shape[0], images.shape[1])
+    terms = vwsl_terms(
+        params,
+        images,
+        targets,
+        weights,
+        cfg=cfg,
+        keys=keys,
+        patch_yx=yx,
+        loss=fc.loss,
+        focal_gamma=fc.focal_gamma,
+        unroll=cfg.unroll,
+    )
+    return terms["seg"] + fc.gamma * (terms["cons1"] + terms["cons2"]), terms
