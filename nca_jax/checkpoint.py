@@ -66,7 +66,8 @@ def load_weights(path: str | os.PathLike, cfg: RunConfig) -> Params:
     for k, v in expected.items():
         if flat[k].shape != v.shape:
             raise RunError(
-                f"{path}: weights do not fit the model ({k} is {flat[k].shape}, model needs {v.shape})"
+                f"{path}: weights do not fit the model "
+                f"({k} is {flat[k].shape}, the model needs {v.shape})"
             )
         if not np.all(np.isfinite(flat[k])):
             raise RunError(f"{path}: weights contain non-finite values in {k}")

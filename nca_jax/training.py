@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import (
+    FinetuneConfig,
     ModelConfig,
     RunConfig,
     TrainConfig,
