@@ -1,0 +1,218 @@
+"""Speed benchmark: training steps, predictions and the 10-sample variance, as cell-steps per
+second and GFLOP/s, against this machine's float32 matmul rate measured in the same run, and
+optionally against the authors' PyTorch code (../shared/peer/torch_mednca_bench.py).
+
+FLOP count per cell and step (forward): two 3x3 convs C->C (2 * 2 * 9 * C * C), dense 3C->hidden
+(2 * 3C * hidden), dense hidden->C (2 * hidden * C): 25,600 at the defaults. A training sample is
+2 levels x patch^2 x steps cell-steps, x3 for forward + backward; a prediction is
+((size/4)^2 + size^2) x steps cell-steps.
+Usage: python bench.py [--size 256] [--steps 50] [--batch 4 16] [--peer SRC --peer-python PY]
+                       --json OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nca_jax.config import ModelConfig, RunConfig, TrainConfig
+from nca_jax.model import init_params, predict_logits, sample_keys
+from nca_jax.training import init_state, make_train_step
+
+PEER_SCRIPT = (
+    Path(__file__).resolve().parent.parent.parent / "shared" / "peer" / "torch_mednca_bench.py"
+)
+
+
+def flop_per_cell_step(mc: ModelConfig) -> float:
+    c, h = mc.channels, mc.hidden
+    return 2 * 2 * 9 * c * c + 2 * 3 * c * h + 2 * h * c
+
+
+def train_flop(mc: ModelConfig, batch: int) -> float:
+    return 3 * batch * 2 * mc.patch**2 * mc.steps * flop_per_cell_step(mc)
+
+
+def predict_cell_steps(mc: ModelConfig, size: int) -> float:
+    return ((size // mc.downscale) ** 2 + size**2) * mc.steps
+
+
+def timeit(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
+    """(first call incl. compile, median of `reps` later calls) in seconds."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return first, statistics.median(ts)
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    _, t = timeit(lambda: f(a, b), reps)
+    return 2 * n**3 / t / 1e9
+
+
+def bench_train(mc: ModelConfig, size: int, batch: int, reps: int) -> dict[str, float]:
+    cfg = RunConfig(model=mc, train=TrainConfig(batch_size=batch, image_size=size)).validate()
+    step = make_train_step(cfg)
+    rng = np.random.default_rng(0)
+    batch_d = {
+        "images": jnp.asarray(rng.uniform(size=(batch, size, size)), jnp.float32),
+        "masks": jnp.asarray(rng.uniform(size=(batch, size, size)) > 0.5, jnp.float32),
+    }
+    holder = {"state": init_state(cfg)}
+    key = jax.random.key(0)
+
+    def run():
+        holder["state"], info = step(holder["state"], batch_d, key)
+        return info["loss"]
+
+    first, t = timeit(run, reps)
+    cells = batch * 2 * mc.patch**2 * mc.steps
+    return {
+        "train_step_s": t,
+        "train_compile_s": first - t,
+        "train_cell_steps_per_s": cells / t,
+        "train_gflops": train_flop(mc, batch) / t / 1e9,
+    }
+
+
+def bench_predict(mc: ModelConfig, size: int, reps: int, samples: int = 10) -> dict[str, float]:
+    params = init_params(mc, key=jax.random.key(0))
+    params["level1"]["dense_out"]["kernel"] += 0.01  # non-zero updates, like a trained model
+    params["level2"]["dense_out"]["kernel"] += 0.01
+    img = jnp.asarray(np.random.default_rng(0).uniform(size=(1, size, size)), jnp.float32)
+    one = jax.jit(lambda p, i, k: jax.nn.sigmoid(predict_logits(p, i, cfg=mc, key=k)))
+    vm = jax.jit(lambda p, i, k: jax.vmap(lambda kk: one(p, i, kk))(sample_keys(k, samples)))
+    key = jax.random.key(1)
+    keys = sample_keys(key, samples)
+    _, t1 = timeit(lambda: one(params, img, key), reps)
+    first, tv = timeit(lambda: vm(params, img, key), reps)
+    _, tl = timeit(lambda: [one(params, img, keys[j]) for j in range(samples)], max(1, reps // 2))
+    flop = predict_cell_steps(mc, size) * flop_per_cell_step(mc)
+    return {
+        "predict_s": t1,
+        "predict_gflops": flop / t1 / 1e9,
+        "predict_cell_steps_per_s": predict_cell_steps(mc, size) / t1,
+        f"variance{samples}_vmap_s": tv,
+        f"variance{samples}_loop_s": tl,
+        f"variance{samples}_vmap_compile_s": first - tv,
+        f"variance{samples}_gflops": samples * flop / tv / 1e9,
+    }
+
+
+def run_peer(src: str, python: str, batch: int, size: int, steps: int) -> dict[str, Any]:
+    cmd = [
+        python,
+        "-W",
+        "ignore",
+        str(PEER_SCRIPT),
+        src,
+        "--batch",
+        str(batch),
+        "--size",
+        str(size),
+        "--steps",
+        str(steps),
+        "--reps",
+        "1",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Med-NCA speed benchmark")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--skip-predict", action="store_true")
+    p.add_argument("--peer", help="folder holding the authors' src/ (see ../shared/peer/README.md)")
+    p.add_argument("--peer-python", default=sys.executable)
+    p.add_argument("--json", required=True)
+    a = p.parse_args(argv)
+    mc = ModelConfig(steps=a.steps, patch=a.size // 4)
+    res: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "devices": [str(d) for d in jax.devices()],
+        },
+        "size": a.size,
+        "steps": a.steps,
+        "batches": a.batch,
+        "flop_per_cell_step": flop_per_cell_step(mc),
+    }
+    res["matmul_gflops"] = matmul_gflops()
+    print(f"float32 matmul: {res['matmul_gflops']:.1f} GFLOP/s", flush=True)
+    per_batch = {}
+    for b in a.batch:
+        r = bench_train(mc, a.size, b, a.reps)
+        r["train_fraction_of_matmul"] = r["train_gflops"] / res["matmul_gflops"]
+        per_batch[str(b)] = r
+        print(
+            f"train step batch {b}: {r['train_step_s']:.3f} s, {r['train_gflops']:.1f} GFLOP/s "
+            f"({100 * r['train_fraction_of_matmul']:.0f}% of matmul; compile "
+            f"{r['train_compile_s']:.0f} s)",
+            flush=True,
+        )
+    res["per_batch"] = per_batch
+    res.update(per_batch[str(a.batch[0])])
+    if not a.skip_predict:
+        r = bench_predict(mc, a.size, a.reps)
+        res.update(r)
+        print(
+            f"prediction 1x{a.size}: {r['predict_s']:.3f} s ({r['predict_gflops']:.1f} GFLOP/s); "
+            f"10 samples: vmap {r['variance10_vmap_s']:.2f} s, loop {r['variance10_loop_s']:.2f} s",
+            flush=True,
+        )
+    if a.peer:
+        for b in a.batch:
+            peer = run_peer(a.peer, a.peer_python, b, a.size, a.steps)
+            per_batch[str(b)]["peer_train_step_s"] = peer["train_step_s"]
+            per_batch[str(b)]["speedup_train"] = (
+                peer["train_step_s"] / per_batch[str(b)]["train_step_s"]
+            )
+            if b == a.batch[0]:
+                res["peer_train_step_s"] = peer["train_step_s"]
+                res["speedup_train"] = per_batch[str(b)]["speedup_train"]
+                res["peer_variance10_s"] = peer["variance10_s"]
+                if "variance10_vmap_s" in res:
+                    res["speedup_variance10"] = peer["variance10_s"] / res["variance10_vmap_s"]
+            print(
+                f"peer (authors' PyTorch) batch {b}: train step {peer['train_step_s']:.2f} s",
+                flush=True,
+            )
+    out = Path(a.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+import json
+
+from nca_jax import bench
+from nca_jax.config import ModelConfig
+
+
+def test_flop_count_matches_the_issue():
+    mc = ModelConfig()
+    assert bench.flop_per_cell_step(mc) == 25_600
+    assert abs(bench.train_flop(mc, 1) - 31.46e9) < 0.01e9
+    assert abs(bench.predict_cell_steps(mc, 256) * 25_600 - 89.1e9) < 0.1e9
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "b.json"
+    assert (
+        bench.main(
+            ["--size", "32", "--steps", "2", "--batch", "2", "--reps", "1", "--json", str(out)]
+        )
+        == 0
+    )
+    d = json.loads(out.read_text())
+    for k in (
+        "matmul_gflops",
+        "train_step_s",
+        "train_gflops",
+        "predict_s",
+        "variance10_vmap_s",
+        "variance10_loop_s",
+    ):
+        assert d[k] > 0, k
+    mc = ModelConfig(steps=2, patch=8)
+    assert abs(d["train_gflops"] - bench.train_flop(mc, 2) / d["train_step_s"] / 1e9) < 1e-6
