@@ -32,6 +32,7 @@ from nca_jax.config import (
 from nca_jax.data import Dataset
 from nca_jax.losses import segmentation_loss
 from nca_jax.model import Params, init_params, predict_logits, sample_keys, train_logits
+from nca_jax.parallel import data_mesh, replicate, shard_batch
 
 DATA_KEY, STEP_KEY, INIT_KEY, EVAL_KEY = 0, 1, 2, 3
 
@@ -266,7 +267,12 @@ def fit(
     save_config(cfg, out / "config.json")
 
     predict = make_predict(cfg.model, loop.eval_samples) if val is not None else None
-    fixed_j = {k: jnp.asarray(v) for k, v in fixed.items()}
+    mesh = data_mesh()
+    if batch % mesh.devices.size:
+        raise TrainingError(
+            f"{out}: batch size {batch} is not divisible by the {mesh.devices.size} devices"
+        )
+    state = replicate(state, mesh)
     end_epoch = loop.epochs if stop_after_epochs is None else min(loop.epochs, stop_after_epochs)
     bar = tqdm(total=(end_epoch - start_epoch) * per_epoch, disable=not progress, unit="step")
     t_start = time.perf_counter()
@@ -275,12 +281,13 @@ def fit(
         if refresh is not None:
             new = refresh(epoch, state.params)
             carried = carried if new is None else new
-        arrays = {**fixed_j, **{k: jnp.asarray(v) for k, v in carried.items()}}
+        arrays = {**fixed, **carried}
         order = epoch_order(data_key, epoch, n)
         losses, skipped, t0 = [], 0, time.perf_counter()
         for b in range(per_epoch):
             idx = order[b * batch : (b + 1) * batch]
-            state, info = step_fn(state, {k: v[idx] for k, v in arrays.items()}, step_key)
+            sharded = shard_batch({k: v[idx] for k, v in arrays.items()}, mesh)
+            state, info = step_fn(state, sharded, step_key)
             loss = float(info["loss"])
             if not bool(info["finite"]):
                 bar.close()
