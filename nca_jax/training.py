@@ -241,6 +241,11 @@ def fit(
     data_key, step_key = jax.random.fold_in(root, DATA_KEY), jax.random.fold_in(root, STEP_KEY)
     eval_key = jax.random.fold_in(root, EVAL_KEY)
 
+    mesh = data_mesh()
+    if batch % mesh.devices.size:
+        raise TrainingError(
+            f"{out}: batch size {batch} is not divisible by the {mesh.devices.size} devices"
+        )
     out.mkdir(parents=True, exist_ok=True)
     mngr = ckpt.checkpoint_manager(out / "checkpoints", loop.keep_checkpoints)
     metrics_path = out / "metrics.jsonl"
@@ -267,11 +272,6 @@ def fit(
     save_config(cfg, out / "config.json")
 
     predict = make_predict(cfg.model, loop.eval_samples) if val is not None else None
-    mesh = data_mesh()
-    if batch % mesh.devices.size:
-        raise TrainingError(
-            f"{out}: batch size {batch} is not divisible by the {mesh.devices.size} devices"
-        )
     state = replicate(state, mesh)
     end_epoch = loop.epochs if stop_after_epochs is None else min(loop.epochs, stop_after_epochs)
     bar = tqdm(total=(end_epoch - start_epoch) * per_epoch, disable=not progress, unit="step")
