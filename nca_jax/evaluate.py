@@ -118,8 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (must not exist, or --overwrite)")
     p.add_argument("--samples", type=int, default=10, help="stochastic predictions per image")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk", type=int, help="images per jitted call (default: about 10 "
-                   "predictions per call; much larger calls ran slower per image on this CPU)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        help="images per jitted call (default: about 10 "
+        "predictions per call; much larger calls ran slower per image on this CPU)",
+    )
     p.add_argument("--no-png", action="store_true", help="skip the per-case PNGs")
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)

@@ -230,7 +230,7 @@ def draw_patch_corners(key: jax.Array, cfg: ModelConfig, batch: int, size: int) 
     )
 
 
-def _as_nhwc(image: jax.Array) -> jax.Array:
+def as_nhwc(image: jax.Array) -> jax.Array:
     if image.ndim == 3:
         image = image[..., None]
     if image.ndim != 4 or image.shape[-1] != 1:
@@ -266,7 +266,7 @@ def predict_state(
 ) -> jax.Array:
     """Inference: image (B, H, W[, 1]) in [0, 1] -> final full-resolution state (B, H, W, C)."""
     _check_rand(key, randomness)
-    image = _as_nhwc(image)
+    image = as_nhwc(image)
     if randomness is None:
         r1 = {"key": jax.random.fold_in(key, LEVEL_KEY)}
         r2 = {"key": jax.random.fold_in(key, LEVEL2_KEY)}
@@ -296,7 +296,7 @@ def train_logits(
 
     image, mask: (B, H, W) -> (patch logits (B, p, p), patch mask (B, p, p)), p = cfg.patch."""
     _check_rand(key, randomness)
-    image = _as_nhwc(image)
+    image = as_nhwc(image)
     if randomness is None:
         yx = draw_patch_corners(key, cfg, image.shape[0], image.shape[1])
         r1 = {"key": jax.random.fold_in(key, LEVEL_KEY)}

@@ -21,6 +21,7 @@ from nca_jax.config import FinetuneConfig, ModelConfig
 from nca_jax.losses import segmentation_loss
 from nca_jax.model import (
     Params,
+    as_nhwc,
     crop_patches,
     downscale,
     draw_patch_corners,
@@ -28,7 +29,6 @@ from nca_jax.model import (
     seed_state,
     upscale,
 )
-from nca_jax.model import _as_nhwc as as_nhwc
 
 LEVEL2_CONSISTENCY_DIVISOR = 16.0  # as in the authors' code
 KEY_A1, KEY_B1, KEY_A2, KEY_B2 = 11, 12, 21, 22
