@@ -18,7 +18,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from nca_jax.config import ConfigError, RunConfig, load_config
+from nca_jax.config import (
+    ConfigError,
+    RunConfig,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_config,
+)
 from nca_jax.model import Params, init_params
 
 
@@ -38,12 +44,9 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> Params:
 
 def save_weights(params: Params, path: str | os.PathLike) -> None:
     """Writes a flat .npz atomically (temporary name, then rename)."""
-    path = Path(path)
     buf = io.BytesIO()
     np.savez(buf, **flatten_params(params))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_weights(path: str | os.PathLike, cfg: RunConfig) -> Params:
@@ -95,10 +98,8 @@ def load_run(
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    """JSON (indented), written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
 def checkpoint_manager(directory: str | os.PathLike, keep: int) -> ocp.CheckpointManager:

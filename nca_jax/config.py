@@ -171,12 +171,17 @@ def load_config(path: str | os.PathLike) -> RunConfig:
         raise ConfigError(f"{path}: {e}") from e
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to a temporary name beside `path`, then renames it into place."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to a temporary name beside `path`, then renames it into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """atomic_write_bytes for text (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:

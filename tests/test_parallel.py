@@ -25,14 +25,14 @@ data = make_phantom_dataset(8, seed=1, size=32)
 """
 
 
-def _run(code: str, devices: int) -> str:
+def _run(code: str, devices: int, *args: str) -> str:
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
     )
     r = subprocess.run(
-        [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(code), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -76,25 +76,9 @@ def test_resume_on_a_different_device_count(tmp_path):
                            stop_after_epochs=None if stop == "-" else int(stop))
     """
 
-    def run(devices, *args):
-        env = dict(
-            os.environ,
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-            JAX_PLATFORMS="cpu",
-        )
-        r = subprocess.run(
-            [sys.executable, "-c", PRELUDE + textwrap.dedent(train), *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=600,
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
-
-    run(2, str(tmp_path / "a"), "0", "1")  # one epoch on 2 devices, then "interrupted"
-    run(1, str(tmp_path / "a"), "1", "-")  # resumed on 1 device
-    run(1, str(tmp_path / "b"), "0", "-")  # uninterrupted on 1 device
+    _run(train, 2, str(tmp_path / "a"), "0", "1")  # one epoch on 2 devices, then "interrupted"
+    _run(train, 1, str(tmp_path / "a"), "1", "-")  # resumed on 1 device
+    _run(train, 1, str(tmp_path / "b"), "0", "-")  # uninterrupted on 1 device
 
     # The loss trajectory matches closely. Weights are compared loosely: float rounding differs
     # between 1 and 2 devices, and Adam turns a near-zero gradient's rounding into a step of up
