@@ -13,6 +13,7 @@ Usage: python bench.py [--size 256] [--steps 50] [--batch 4 16] [--peer SRC --pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -147,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[4, 16])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip-predict", action="store_true")
+    p.add_argument(
+        "--autodiff-baseline",
+        action="store_true",
+        help="also time the training step with XLA's own gradient (fast_backward=False)",
+    )
     p.add_argument("--peer", help="folder holding the authors' src/ (see ../shared/peer/README.md)")
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument("--json", required=True)
@@ -171,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     for b in a.batch:
         r = bench_train(mc, a.size, b, a.reps)
         r["train_fraction_of_matmul"] = r["train_gflops"] / res["matmul_gflops"]
+        if a.autodiff_baseline:
+            base = bench_train(dataclasses.replace(mc, fast_backward=False), a.size, b, a.reps)
+            r["train_step_autodiff_s"] = base["train_step_s"]
+            r["speedup_fast_backward"] = base["train_step_s"] / r["train_step_s"]
+            print(
+                f"train step batch {b}, XLA autodiff backward: {base['train_step_s']:.3f} s "
+                f"(fast backward is {r['speedup_fast_backward']:.2f}x faster)",
+                flush=True,
+            )
         per_batch[str(b)] = r
         print(
             f"train step batch {b}: {r['train_step_s']:.3f} s, {r['train_gflops']:.1f} GFLOP/s "

@@ -26,6 +26,7 @@ class ModelConfig:
     patch: int = 64  # level-2 training patch size (the low-resolution size at 256 px)
     bn_eps: float = 1e-5  # batch-norm epsilon (PyTorch's default)
     unroll: bool = True  # fully unroll the training rollout (3x faster gradient on XLA CPU)
+    fast_backward: bool = True  # hand-written MLP/batch-norm gradient (same values, faster)
 
     def validate(self) -> None:
         if self.channels < 2:
