@@ -15,7 +15,8 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import jax; d = jax.devices(); print(d); assert d[0].platform == 'gpu', 'no GPU seen by JAX'"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/card.txt" || true
-timeout 200 python3 bench.py --size 256 --steps 50 --batch 4 16 --reps 5 --json "$OUT/bench.json"
+timeout 220 python3 bench.py --size 256 --steps 50 --batch 4 16 --reps 5 --autodiff-baseline \
+  --json "$OUT/bench.json"
 RUN=$(mktemp -d)/paper
 timeout 80 python3 train.py --config configs/paper.json --epochs 5 --phantoms 32 --out "$RUN" \
   --no-progress
