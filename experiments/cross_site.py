@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="../shared/data/cxr")
     p.add_argument("--splits", default="results/splits")
     p.add_argument("--results", default="results")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the protocol's seeds")
     a = p.parse_args(argv)
     proto = {
         k: v for k, v in json.loads(Path(a.protocol).read_text()).items() if not k.startswith("_")
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     fbase = FinetuneConfig(**proto.get("finetune", {}))
     size, work, res_dir = cfg.train.image_size, Path(a.work), Path(a.results)
     samples, n_ft = proto.get("eval_samples", 10), proto.get("n_finetune", 50)
-    seeds = proto.get("seeds", [0])
+    seeds = a.seeds if a.seeds is not None else proto.get("seeds", [0])
     t_all = time.perf_counter()
     rows: list[dict[str, Any]] = []
     test = {s: load(a, s, f"{s}_test", size) for s in SITES}
@@ -95,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         s = evaluate(c, prm, test[site], samples=samples, seed=0)
         s.pop("cases")
         return s
+
+    def publish(rows: list[dict[str, Any]]) -> None:
+        res_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(res_dir / "cross_site.json", rows)
+        tables = tables_markdown(rows, fbase.gamma, proto, time.perf_counter() - t_all)
+        atomic_write_text(res_dir / "cross_site.md", tables)
 
     for seed in seeds:
         for src in SITES:
@@ -141,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                     lambda ft=ft, tgt=tgt: run_eval(ft, tgt),
                 )
                 rows.append(_row(src, tgt, "vwsl", g, seed, ev))
-    res_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(res_dir / "cross_site.json", rows)
+            publish(rows)  # partial tables after every unit group, so a cut run still reports
+    publish(rows)
     for seed in seeds[:1]:
         for src in SITES:
             dst = res_dir / "runs" / f"xsite-{src}-seed{seed}"
@@ -158,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             test[tgt],
             res_dir / "figures" / f"cross_site_{src}_to_{tgt}.png",
         )
-    tables = tables_markdown(rows, fbase.gamma, proto, time.perf_counter() - t_all)
-    atomic_write_text(res_dir / "cross_site.md", tables)
-    print(tables)
+    print((res_dir / "cross_site.md").read_text())
     return 0
 
 

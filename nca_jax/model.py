@@ -220,13 +220,14 @@ def rollout(
     cfg: ModelConfig,
     key: jax.Array | None = None,
     masks: jax.Array | None = None,
-    unroll: bool = False,
+    unroll: bool | str = False,
 ) -> jax.Array:
     """cfg.steps NCA steps as one lax.scan: state (B, H, W, C) -> (B, H, W, C).
 
     Step i draws its fire mask from fold_in(key, i), or takes masks[i] from given masks
     (steps, B, H, W, 1). `unroll=True` unrolls the scan (faster gradients on XLA CPU, longer
-    compile)."""
+    compile); `unroll="python"` writes the steps out as a Python loop, no scan at all (what the
+    TFLite export needs: a converted scan stores its backward buffers as constants)."""
     if (key is None) == (masks is None):
         raise TypeError("rollout needs exactly one of key= (a PRNG key) or masks= (fire masks)")
     if masks is None:
@@ -241,6 +242,10 @@ def rollout(
             return nca_step(level_params, s, image, cfg=cfg, key=x), None
         return nca_step(level_params, s, image, cfg=cfg, mask=x), None
 
+    if unroll == "python":
+        for i in range(cfg.steps):
+            state, _ = body(state, xs[i])
+        return state
     state, _ = jax.lax.scan(body, state, xs, unroll=cfg.steps if unroll else 1)
     return state
 
@@ -278,13 +283,17 @@ def seed_state(image: jax.Array, channels: int) -> jax.Array:
 
 
 def crop_patches(x: jax.Array, yx: jax.Array, size: int) -> jax.Array:
-    """Per-sample crop: x (B, H, W, ...) and corners yx (B, 2) -> (B, size, size, ...)."""
+    """Per-sample crop: x (B, H, W, ...) and corners yx (B, 2) -> (B, size, size, ...).
 
-    def one(xi: jax.Array, c: jax.Array) -> jax.Array:
-        start = (c[0], c[1]) + (0,) * (xi.ndim - 2)
-        return jax.lax.dynamic_slice(xi, start, (size, size) + xi.shape[2:])
-
-    return jax.vmap(one)(x, yx)
+    Written as two products with one-hot row and column selectors (exact: each output is one
+    input times 1 plus zeros), because the gradient of a per-sample dynamic slice becomes a
+    scatter that the TFLite runtime cannot run; on XLA it costs about 1% of a training step."""
+    h, w = x.shape[1], x.shape[2]
+    offs = jnp.arange(size)
+    rows = (jnp.arange(h)[None, None, :] == (yx[:, 0, None] + offs)[:, :, None]).astype(x.dtype)
+    cols = (jnp.arange(w)[None, None, :] == (yx[:, 1, None] + offs)[:, :, None]).astype(x.dtype)
+    y = jnp.einsum("bph,bhw...->bpw...", rows, x, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("bqw,bpw...->bpq...", cols, y, precision=jax.lax.Precision.HIGHEST)
 
 
 def draw_randomness(
@@ -320,7 +329,7 @@ def as_nhwc(image: jax.Array) -> jax.Array:
 
 
 def _level1_to_full(
-    params: Params, image: jax.Array, cfg: ModelConfig, unroll: bool, **rand: Any
+    params: Params, image: jax.Array, cfg: ModelConfig, unroll: bool | str, **rand: Any
 ) -> jax.Array:
     """Level 1 on the downscaled image, upsampled: (B, H, W, 1) -> full-res state (B, H, W, C)."""
     low = downscale(image, cfg.downscale)
@@ -343,7 +352,7 @@ def predict_state(
     cfg: ModelConfig,
     key: jax.Array | None = None,
     randomness: Randomness | None = None,
-    unroll: bool = False,
+    unroll: bool | str = False,
 ) -> jax.Array:
     """Inference: image (B, H, W[, 1]) in [0, 1] -> final full-resolution state (B, H, W, C)."""
     _check_rand(key, randomness)
@@ -371,7 +380,7 @@ def train_logits(
     cfg: ModelConfig,
     key: jax.Array | None = None,
     randomness: Randomness | None = None,
-    unroll: bool = True,
+    unroll: bool | str = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Training forward: level 2 runs on one random patch per sample.
 

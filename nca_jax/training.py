@@ -77,21 +77,33 @@ def make_update_step(
 
     def step(state: TrainState, batch: dict[str, jax.Array], step_key: jax.Array):
         key = jax.random.fold_in(step_key, state.step)
-        (loss, skip), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-        updates, opt_state = opt.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        leaves = jax.tree_util.tree_leaves(grads)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves]))
-        keep = finite & ~skip
-        params, opt_state = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(keep, new, old),
-            (params, opt_state),
-            (state.params, state.opt_state),
-        )
-        info = {"loss": loss, "finite": finite, "skipped": skip}
-        return TrainState(params, opt_state, state.step + 1), info
+        return update_state(opt, loss_fn, state, batch, key)
 
     return jax.jit(step, donate_argnums=0)
+
+
+def update_state(
+    opt: optax.GradientTransformation,
+    loss_fn: LossFn,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    key: jax.Array | None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step with the model randomness `key` (None when the batch carries its
+    randomness as tensors, as in the TFLite export), guarded as make_update_step says."""
+    (loss, skip), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    leaves = jax.tree_util.tree_leaves(grads)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves]))
+    keep = finite & ~skip
+    params, opt_state = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(keep, new, old),
+        (params, opt_state),
+        (state.params, state.opt_state),
+    )
+    info = {"loss": loss, "finite": finite, "skipped": skip}
+    return TrainState(params, opt_state, state.step + 1), info
 
 
 def make_train_step(

@@ -80,29 +80,34 @@ def vwsl_terms(
     weights: jax.Array,
     *,
     cfg: ModelConfig,
-    keys: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    keys: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+    masks: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
     patch_yx: jax.Array,
     loss: str = "dice_bce",
     focal_gamma: float = 2.0,
-    unroll: bool = True,
+    unroll: bool | str = True,
 ) -> dict[str, jax.Array]:
-    """The loss terms for images, targets, weights (B, H, W) with explicit keys.
+    """The loss terms for images, targets, weights (B, H, W) with explicit randomness.
 
-    keys = (level-1 run a, level-1 run b, level-2 run a, level-2 run b); patch_yx (B, 2).
-    Run a of each level feeds the next level and the segmentation loss; run b only the
-    consistency term. Returns {'seg', 'cons1', 'cons2'} (cons2 already divided by 16)."""
-    ka1, kb1, ka2, kb2 = keys
+    Exactly one of keys = (level-1 run a, level-1 run b, level-2 run a, level-2 run b) or masks
+    = the fire masks of those four runs ((steps, B, h, w, 1) twice, then (steps, B, p, p, 1)
+    twice); patch_yx (B, 2). Run a of each level feeds the next level and the segmentation
+    loss; run b only the consistency term. Returns {'seg', 'cons1', 'cons2'} (cons2 already
+    divided by 16)."""
+    if (keys is None) == (masks is None):
+        raise TypeError("vwsl_terms needs exactly one of keys= or masks=")
+    r = [{"key": k} for k in keys] if masks is None else [{"masks": m} for m in masks]
     image = as_nhwc(images)
     low = downscale(image, cfg.downscale)
     seed = seed_state(low, cfg.channels)
-    s1a = rollout(params["level1"], seed, low, cfg=cfg, key=ka1, unroll=unroll)
-    s1b = rollout(params["level1"], seed, low, cfg=cfg, key=kb1, unroll=unroll)
+    s1a = rollout(params["level1"], seed, low, cfg=cfg, unroll=unroll, **r[0])
+    s1b = rollout(params["level1"], seed, low, cfg=cfg, unroll=unroll, **r[1])
     full = jnp.concatenate([image, upscale(s1a, cfg.downscale)[..., 1:]], axis=-1)
     patch = crop_patches(full, patch_yx, cfg.patch)
     tgt = crop_patches(targets, patch_yx, cfg.patch)
     w = crop_patches(weights, patch_yx, cfg.patch)
-    o2a = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, key=ka2, unroll=unroll)
-    o2b = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, key=kb2, unroll=unroll)
+    o2a = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=unroll, **r[2])
+    o2b = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=unroll, **r[3])
     return {
         "seg": segmentation_loss(o2a[..., 1], tgt, w, kind=loss, focal_gamma=focal_gamma),
         "cons1": l1_sigmoid(s1a[..., 1], s1b[..., 1]),

@@ -1,0 +1,321 @@
+"""Phone stand-in: train, fine-tune and predict with ONLY a .tflite file and the LiteRT interpreter.
+
+Never imports JAX or TensorFlow: it does what an app would do with the file written by
+`export_tflite.py` (and its .json sidecar, which holds the model config and the input shape).
+
+  python -m nca_jax.device_train train --model F.tflite --data DIR --epochs N --out RUN
+  python -m nca_jax.device_train finetune --model F.tflite --data DIR --epochs N --out RUN
+      [--weights W.npz]      (VWSL: sample -> targets -> finetune steps; masks never read)
+  python -m nca_jax.device_train predict --model F.tflite --data DIR --out DIR2 [--weights W.npz]
+
+RUN gets config.json, weights.npz (from `get_weights`, the names of a JAX run's weights.npz),
+metrics.jsonl and run.json, so `evaluate.py --run RUN` and `finetune.py --run RUN` read it.
+Each step's time is printed, with the projected wall time of the paper's protocol at that speed
+(1500 epochs of 50 images, then 100 VWSL epochs of 50 images with their 10-sample targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from nca_jax.config import atomic_write_bytes, atomic_write_text
+from nca_jax.data import DataError, Dataset, load_folder, load_split
+
+PAPER_TRAIN_EPOCHS, PAPER_FINETUNE_EPOCHS, PAPER_IMAGES = 1500, 100, 50
+
+
+class DeviceError(ValueError):
+    """A model file, weights file or option the stand-in cannot use."""
+
+
+class TFLiteModel:
+    """A .tflite file written by export_tflite.py, with its sidecar and signature runners."""
+
+    def __init__(self, path: str | Path):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(path)
+        side = Path(f"{path}.json")
+        if not self.path.is_file():
+            raise DeviceError(f"{self.path}: no such model file")
+        if not side.is_file():
+            raise DeviceError(f"{side}: the export's sidecar is missing (write both files)")
+        try:
+            self.info = json.loads(side.read_text())
+            self.batch, self.size = self.info["spec"]["batch"], self.info["spec"]["size"]
+        except (ValueError, KeyError) as e:
+            raise DeviceError(f"{side}: not an export sidecar ({e})") from e
+        try:
+            self.interpreter = Interpreter(model_path=str(self.path))
+        except Exception as e:  # noqa: BLE001 - any loader failure is a bad file
+            raise DeviceError(f"{self.path}: not a loadable .tflite file ({e})") from e
+        missing = {"infer", "sample", "train", "finetune", "get_weights", "set_weights"} - set(
+            self.interpreter.get_signature_list()
+        )
+        if missing:
+            raise DeviceError(f"{self.path}: lacks the signatures {sorted(missing)}")
+        self._runners: dict[str, Any] = {}
+
+    def run(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if signature not in self._runners:
+            self._runners[signature] = self.interpreter.get_signature_runner(signature)
+        return self._runners[signature](**inputs)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """{weights.npz name: array}."""
+        return {k.replace("__", "/"): v for k, v in self.run("get_weights").items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray], source: str) -> None:
+        current = self.get_weights()
+        if set(weights) != set(current):
+            raise DeviceError(
+                f"{source}: weights do not fit the model (missing "
+                f"{sorted(set(current) - set(weights))[:3]}, unexpected "
+                f"{sorted(set(weights) - set(current))[:3]})"
+            )
+        for k, v in current.items():
+            if weights[k].shape != v.shape:
+                raise DeviceError(
+                    f"{source}: weights do not fit the model ({k} is {weights[k].shape}, the "
+                    f"model needs {v.shape})"
+                )
+        self.run(
+            "set_weights",
+            **{k.replace("/", "__"): np.asarray(v, np.float32) for k, v in weights.items()},
+        )
+
+    def batches(self, n: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+        """Index batches of the file's batch size; shuffled with rng; the incomplete last one
+        is dropped (as in JAX training), unless there are fewer images than one batch."""
+        order = rng.permutation(n) if rng is not None else np.arange(n)
+        if n < self.batch:
+            raise DeviceError(f"{n} images are fewer than the model file's batch {self.batch}")
+        return [order[i : i + self.batch] for i in range(0, n - self.batch + 1, self.batch)]
+
+
+def nhwc(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x[..., None], dtype=np.float32)
+
+
+def read_weights(path: str | Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: np.asarray(z[k], np.float32) for k in z.files}
+    except FileNotFoundError as e:
+        raise DeviceError(f"{path}: no such weights file") from e
+    except Exception as e:  # noqa: BLE001
+        raise DeviceError(f"{path}: not a readable weights .npz ({e})") from e
+
+
+def write_run(out: Path, model: TFLiteModel, record: dict[str, Any]) -> None:
+    """config.json (the exported config), weights.npz (get_weights) and run.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, **model.get_weights())
+    atomic_write_bytes(out / "weights.npz", buf.getvalue())
+    atomic_write_text(out / "config.json", json.dumps(model.info["config"], indent=2) + "\n")
+    atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=float) + "\n")
+
+
+def load_data(a: argparse.Namespace, size: int, masks: bool) -> Dataset:
+    if a.split:
+        return load_split(a.data, a.split, size=size, require_masks=masks)
+    return load_folder(a.data, size=size, require_masks=masks)
+
+
+def projection(
+    model: TFLiteModel, train_s: float | None, ft_s: float | None, sample_s: float | None
+) -> dict[str, float]:
+    """Projected hours of the paper's protocol at the measured per-call times."""
+    steps_per_epoch = PAPER_IMAGES / model.batch
+    out = {}
+    if train_s is not None:
+        out["paper_training_h"] = PAPER_TRAIN_EPOCHS * steps_per_epoch * train_s / 3600
+    if ft_s is not None and sample_s is not None:
+        out["paper_finetuning_h"] = (
+            PAPER_FINETUNE_EPOCHS * steps_per_epoch * ft_s + PAPER_IMAGES / model.batch * sample_s
+        ) / 3600
+    return out
+
+
+def _epochs(
+    model: TFLiteModel,
+    signature: str,
+    inputs: dict[str, np.ndarray],
+    epochs: int,
+    seed: int,
+    out: Path,
+    log_every: int,
+) -> tuple[list[float], float]:
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(inputs.values())))
+    times: list[float] = []
+    lines = []
+    for epoch in range(1, epochs + 1):
+        losses = []
+        for idx in model.batches(n, rng):
+            t0 = time.perf_counter()
+            r = model.run(signature, **{k: v[idx] for k, v in inputs.items()})
+            times.append(time.perf_counter() - t0)
+            losses.append(float(r["loss"]))
+            if log_every and len(times) % log_every == 0:
+                print(
+                    f"{signature} step {len(times)}: loss {losses[-1]:.4f}, {times[-1]:.2f} s",
+                    flush=True,
+                )
+            if not np.isfinite(losses[-1]):
+                raise DeviceError(f"{signature}: loss became non-finite at epoch {epoch}")
+        lines.append(json.dumps({"epoch": epoch, "loss": float(np.mean(losses))}))
+        atomic_write_text(out / "metrics.jsonl", "\n".join(lines) + "\n")
+    warm = times[1:] if len(times) > 1 else times
+    return times, float(np.median(warm))
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    model = TFLiteModel(a.model)
+    if a.weights:
+        model.set_weights(read_weights(a.weights), a.weights)
+    data = load_data(a, model.size, masks=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    inputs = {"image": nhwc(data.images), "mask": nhwc(data.masks)}
+    times, step_s = _epochs(model, "train", inputs, a.epochs, a.seed, out, a.log_every)
+    rec = {
+        "mode": "device_train",
+        "model_file": str(a.model),
+        "data": str(a.data),
+        "images": len(data),
+        "epochs": a.epochs,
+        "steps": len(times),
+        "seed": a.seed,
+        "train_step_s": step_s,
+        "wall_s": time.perf_counter() - t0,
+        **projection(model, step_s, None, None),
+    }
+    write_run(out, model, rec)
+    print(json.dumps(rec))
+    return 0
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    model = TFLiteModel(a.model)
+    if a.weights:
+        model.set_weights(read_weights(a.weights), a.weights)
+    data = load_data(a, model.size, masks=False)  # masks are never read
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    images = nhwc(data.images)
+    targets, weights, sample_times = [], [], []
+    for idx in model.batches(len(data), None):
+        ts = time.perf_counter()
+        r = model.run("sample", image=images[idx])
+        sample_times.append(time.perf_counter() - ts)
+        targets.append((r["mean"] > 0.5).astype(np.float32))
+        weights.append(np.clip(1.0 - 2.0 * r["std"], 0.0, 1.0).astype(np.float32))
+    used = np.concatenate(model.batches(len(data), None))
+    inputs = {
+        "image": images[used],
+        "target": np.concatenate(targets),
+        "weight": np.concatenate(weights),
+    }
+    uncertainty_before = float(np.mean(1.0 - inputs["weight"]) / 2)
+    times, step_s = _epochs(model, "finetune", inputs, a.epochs, a.seed, out, a.log_every)
+    sample_s = float(np.median(sample_times))
+    rec = {
+        "mode": "device_finetune",
+        "model_file": str(a.model),
+        "data": str(a.data),
+        "images": len(used),
+        "epochs": a.epochs,
+        "steps": len(times),
+        "seed": a.seed,
+        "sample_s": sample_s,
+        "finetune_step_s": step_s,
+        "mean_std_before": uncertainty_before,
+        "wall_s": time.perf_counter() - t0,
+        **projection(model, None, step_s, sample_s),
+    }
+    write_run(out, model, rec)
+    print(json.dumps(rec))
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    model = TFLiteModel(a.model)
+    if a.weights:
+        model.set_weights(read_weights(a.weights), a.weights)
+    data = load_data(a, model.size, masks=False)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = nhwc(data.images)
+    n = len(data)
+    pad = (-n) % model.batch  # fill the last batch with copies; their outputs are dropped
+    padded = np.concatenate([images, images[:pad]]) if pad else images
+    times = []
+    for start in range(0, len(padded), model.batch):
+        t0 = time.perf_counter()
+        r = model.run("sample", image=padded[start : start + model.batch])
+        times.append(time.perf_counter() - t0)
+        for j in range(model.batch):
+            i = start + j
+            if i >= n:
+                break
+            _png(out / "pred" / f"{data.names[i]}.png", (r["mean"][j, ..., 0] > 0.5) * 255)
+            _png(out / "std" / f"{data.names[i]}.png", np.clip(r["std"][j, ..., 0] * 510, 0, 255))
+    print(json.dumps({"images": n, "sample_s": float(np.median(times)), "out": str(out)}))
+    return 0
+
+
+def _png(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, helptext in (
+        ("train", "supervised training from images/ + masks/"),
+        ("finetune", "VWSL fine-tuning from images/ (masks never read)"),
+        ("predict", "10-sample predictions: pred/ masks and std/ maps as PNG"),
+    ):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--model", required=True, help=".tflite file from export_tflite.py")
+        s.add_argument("--data", required=True, help="folder with images/ (and masks/)")
+        s.add_argument("--split", help="text file of case names to use (default: all)")
+        s.add_argument("--out", required=True)
+        s.add_argument("--weights", help="weights .npz to load first (set_weights)")
+        if name != "predict":
+            s.add_argument("--epochs", type=int, default=1)
+            s.add_argument("--seed", type=int, default=0, help="shuffling seed")
+            s.add_argument("--log-every", type=int, default=10, help="print every K steps")
+    a = p.parse_args(argv)
+    if getattr(a, "epochs", 1) < 1:
+        p.error("--epochs must be >= 1")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        return {"train": cmd_train, "finetune": cmd_finetune, "predict": cmd_predict}[a.command](a)
+    except (DeviceError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

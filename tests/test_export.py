@@ -1,0 +1,297 @@
+"""TFLite export: the converted signatures behave like the JAX functions they come from.
+
+One tiny model (32 px, 3 steps per level) is trained briefly in JAX on phantoms and exported
+once per module (about 30 s); every test reads that file with the LiteRT interpreter."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nca_jax import checkpoint as ckpt
+from nca_jax import export as ex
+from nca_jax.config import ModelConfig, RunConfig, TrainConfig, save_config
+from nca_jax.model import predict_logits, sample_keys
+from nca_jax.phantoms import make_phantom_dataset
+from nca_jax.training import init_state, make_train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ex.ExportSpec(batch=2, size=32, train_lr=5e-3, fixed_randomness=True)
+
+
+def _cfg() -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(channels=8, hidden=16, steps=3, patch=8, downscale=4),
+        train=TrainConfig(batch_size=4, image_size=32, lr=5e-3),
+    ).validate()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(cfg, params, Functions, path, sidecar info, phantom data) of a briefly trained model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    cfg = _cfg()
+    data = make_phantom_dataset(16, seed=0, size=32)
+    state, step = init_state(cfg), make_train_step(cfg)
+    for i in range(150):
+        idx = np.arange(4 * i, 4 * i + 4) % len(data)
+        state, _ = step(
+            state, {"images": data.images[idx], "masks": data.masks[idx]}, jax.random.key(0)
+        )
+    params = jax.device_get(state.params)
+    out = tmp_path_factory.mktemp("export") / "tiny.tflite"
+    info = ex.export(cfg, params, SPEC, out)
+    fns = ex.Functions(cfg, SPEC, params)
+    return {
+        "cfg": cfg,
+        "params": params,
+        "fns": fns,
+        "path": out,
+        "info": info,
+        "data": data,
+        "new": lambda: Interpreter(model_path=str(out)),
+    }
+
+
+def _masks(fns, train, rng):
+    return [(rng.uniform(size=s) < 0.5).astype(np.float32) for s in fns.mask_shapes(train)]
+
+
+def _nhwc(x):
+    return np.ascontiguousarray(np.asarray(x, np.float32)[..., None])
+
+
+def test_file_has_the_signatures_and_no_flex_ops(exported):
+    it = exported["new"]()
+    assert set(ex.SIGNATURES + ex.FIXED_SIGNATURES) <= set(it.get_signature_list())
+    ops = ex.op_names(exported["path"].read_bytes())
+    assert exported["info"]["flex_ops"] == []
+    assert not [o for o in ops if o.startswith("Flex") or o == "CUSTOM"]
+    assert "RANDOM_UNIFORM" in ops and "ASSIGN_VARIABLE" in ops
+    side = json.loads(ex.sidecar(exported["path"]).read_text())
+    assert side["spec"]["size"] == 32 and side["bytes"] == exported["path"].stat().st_size
+
+
+def test_infer_fixed_equals_jax(exported):
+    fns, rng = exported["fns"], np.random.default_rng(1)
+    img = _nhwc(exported["data"].images[:2])
+    m1, m2 = _masks(fns, False, rng)
+    got = exported["new"]().get_signature_runner("infer_fixed")(image=img, masks1=m1, masks2=m2)
+    want = np.asarray(fns.infer(fns.params0, img, m1, m2))
+    np.testing.assert_allclose(got["probabilities"], want, atol=1e-5)
+
+
+def _check_step(fns, it, new_params, new_opt, loss, got_loss, opt_prefix):
+    np.testing.assert_allclose(got_loss, loss, rtol=1e-5, atol=1e-6)
+    opt = it.get_signature_runner("get_optimizer_state")()
+    for i, x in enumerate(new_opt):  # Adam counts, moments (mu = 0.1 g, nu = 0.01 g^2)
+        np.testing.assert_allclose(opt[f"{opt_prefix}_{i}"], x, rtol=1e-3, atol=1e-6)
+    # Adam's first moment after one step is (1 - b1) * gradient: the same layout as params.
+    mu = [np.asarray(x) for x in new_opt[1 : 1 + len(fns.names)]]
+    top = max(float(np.abs(m).max()) for m in mu)
+    w = it.get_signature_runner("get_weights")()
+    for name, x, m in zip(fns.names, new_params, mu, strict=True):
+        # Adam moves every weight by about lr * sign(gradient): where the gradient is rounding
+        # noise (biases before batch norm, whose true gradient is 0) the sign is arbitrary.
+        sure = np.abs(m) > 1e-4 * top
+        diff = np.abs(w[ex.signature_name(name)] - np.asarray(x))
+        assert np.all(diff[sure] <= 1e-5), name
+        assert np.all(diff <= 2.2 * SPEC.train_lr), name
+
+
+def test_train_fixed_equals_one_jax_step(exported):
+    fns, rng = exported["fns"], np.random.default_rng(2)
+    d = exported["data"]
+    img, msk = _nhwc(d.images[:2]), _nhwc(d.masks[:2])
+    m1, m2 = _masks(fns, True, rng)
+    yx = np.array([[3, 20], [11, 0]], np.int32)
+    it = exported["new"]()
+    got = it.get_signature_runner("train_fixed")(
+        image=img, mask=msk, masks1=m1, masks2=m2, patch_yx=yx
+    )
+    p, o, st, loss = fns.train(fns.params0, fns.train_opt0, jnp.int32(0), img, msk, m1, m2, yx)
+    assert int(st) == 1
+    assert len(o) == 1 + 2 * len(fns.names) + 1  # count, mu, nu, schedule count
+    _check_step(fns, it, p, o, float(loss), got["loss"], "train_opt")
+
+
+def test_finetune_fixed_equals_one_jax_step(exported):
+    fns, rng = exported["fns"], np.random.default_rng(3)
+    d = exported["data"]
+    img = _nhwc(d.images[2:4])
+    tgt = _nhwc(d.masks[2:4])
+    wgt = _nhwc(rng.uniform(size=(2, 32, 32)))
+    m1a, m1b = _masks(fns, True, rng)[0], _masks(fns, True, rng)[0]
+    m2a, m2b = _masks(fns, True, rng)[1], _masks(fns, True, rng)[1]
+    yx = np.array([[0, 24], [17, 9]], np.int32)
+    it = exported["new"]()
+    got = it.get_signature_runner("finetune_fixed")(
+        image=img,
+        target=tgt,
+        weight=wgt,
+        masks1a=m1a,
+        masks1b=m1b,
+        masks2a=m2a,
+        masks2b=m2b,
+        patch_yx=yx,
+    )
+    p, o, _, loss = fns.finetune(
+        fns.params0, fns.ft_opt0, jnp.int32(0), img, tgt, wgt, m1a, m1b, m2a, m2b, yx
+    )
+    assert float(loss) > 0
+    _check_step(fns, it, p, o, float(loss), got["loss"], "finetune_opt")
+
+
+def test_device_draws_differ_per_call_and_replay_per_loaded_file(exported):
+    img = _nhwc(exported["data"].images[:2])
+    runs = []
+    for _ in range(2):
+        infer = exported["new"]().get_signature_runner("infer")
+        runs.append([infer(image=img)["probabilities"] for _ in range(3)])
+    assert np.abs(runs[0][0] - runs[0][1]).max() > 1e-3  # fresh fire masks every call
+    for a, b in zip(runs[0], runs[1], strict=True):
+        np.testing.assert_array_equal(a, b)  # same file, same stream
+
+
+def test_set_then_get_weights_round_trip(exported):
+    it = exported["new"]()
+    rng = np.random.default_rng(4)
+    w = it.get_signature_runner("get_weights")()
+    new = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in w.items()}
+    assert int(it.get_signature_runner("set_weights")(**new)["count"]) == len(new)
+    back = it.get_signature_runner("get_weights")()
+    for k in new:
+        np.testing.assert_array_equal(back[k], new[k])
+
+
+def test_twenty_on_device_train_calls_lower_the_loss(exported):
+    from nca_jax.model import init_params
+
+    cfg = exported["cfg"]
+    fresh = init_params(cfg.model, key=jax.random.key(7))
+    it = exported["new"]()
+    it.get_signature_runner("set_weights")(
+        **{ex.signature_name(k): v for k, v in ckpt.flatten_params(fresh).items()}
+    )
+    d = make_phantom_dataset(8, seed=5, size=32)
+    train, infer = it.get_signature_runner("train"), it.get_signature_runner("infer")
+    img, msk = _nhwc(d.images[:2]), _nhwc(d.masks[:2])  # one batch; patches drawn on device
+
+    def full_image_bce() -> float:  # the loss of single 8 px patches is too noisy to compare
+        p = np.clip(np.mean([infer(image=img)["probabilities"] for _ in range(3)], 0), 1e-6, 1)
+        return float(-np.mean(msk * np.log(p) + (1 - msk) * np.log(np.clip(1 - p, 1e-6, 1))))
+
+    before = full_image_bce()
+    losses = [float(train(image=img, mask=msk)["loss"]) for _ in range(20)]
+    assert np.all(np.isfinite(losses))
+    after = full_image_bce()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_sample_mean_agrees_with_jax_ten_sample_mean(exported):
+    """The tiny model is unsure, so two JAX 10-sample means (other keys) also differ: the
+    device's mean must agree with JAX's as well as JAX's agree with each other. (The issue's
+    Dice >= 0.98 is measured on the real Shenzhen model in results/README.md.)"""
+    cfg, params, d = exported["cfg"], exported["params"], exported["data"]
+    img = d.images[4:6]
+    got = exported["new"]().get_signature_runner("sample")(image=_nhwc(img))
+    assert got["mean"].shape == (2, 32, 32, 1) and np.all(got["std"] >= 0)
+
+    def jax_probs(seed):
+        f = lambda k: jax.nn.sigmoid(predict_logits(params, img, cfg=cfg.model, key=k))  # noqa: E731
+        return np.asarray(jax.vmap(f)(sample_keys(jax.random.key(seed), 10)))
+
+    def dice(a, b):
+        return 2 * np.sum(a & b) / (a.sum() + b.sum())
+
+    runs = [jax_probs(s) for s in range(4)]
+    means = [r.mean(0) > 0.5 for r in runs]
+    assert means[0].sum() > 20  # the model found the phantom
+    jax_vs_jax = min(dice(means[0], m) for m in means[1:])
+    device = got["mean"][..., 0] > 0.5
+    assert dice(device, means[0]) >= jax_vs_jax - 0.03, (dice(device, means[0]), jax_vs_jax)
+    jax_std = np.mean([r.std(0).mean() for r in runs])
+    assert abs(got["std"].mean() - jax_std) < 0.25 * jax_std
+
+
+def _stand_in(*args):
+    from nca_jax import device_train
+
+    return device_train.main([str(a) for a in args])
+
+
+def test_stand_in_trains_finetunes_predicts_and_weights_return_to_jax(exported, tmp_path, capsys):
+    from nca_jax.phantoms import write_phantom_folder
+
+    model = exported["path"]
+    data = write_phantom_folder(tmp_path / "data", n=4, seed=3, size=32)
+    run = tmp_path / "device-run"
+    assert _stand_in("train", "--model", model, "--data", data, "--epochs", 2, "--out", run) == 0
+    rec = json.loads((run / "run.json").read_text())
+    assert rec["steps"] == 4 and rec["paper_training_h"] > 0
+    cfg, params = ckpt.load_run(run)  # the device's weights come back into a JAX run
+    assert cfg.model == exported["cfg"].model
+    moved = ckpt.flatten_params(params)
+    start = ckpt.flatten_params(exported["params"])
+    assert any(np.abs(moved[k] - start[k]).max() > 1e-4 for k in start)
+    # fine-tuning never opens a mask: make every mask unreadable
+    for m in (data / "masks").iterdir():
+        m.write_bytes(b"not an image")
+    ft = tmp_path / "device-ft"
+    args = ("finetune", "--model", model, "--data", data, "--epochs", 1, "--out", ft)
+    assert _stand_in(*args, "--weights", run / "weights.npz") == 0
+    assert json.loads((ft / "run.json").read_text())["steps"] == 2
+    ckpt.load_run(ft)
+    pred = tmp_path / "pred"
+    assert _stand_in("predict", "--model", model, "--data", data, "--out", pred) == 0
+    assert len(list((pred / "pred").glob("*.png"))) == 4
+    assert len(list((pred / "std").glob("*.png"))) == 4
+
+
+def test_stand_in_bad_inputs_exit_2(exported, tmp_path, capsys):
+    from nca_jax.phantoms import write_phantom_folder
+
+    model = exported["path"]
+    data = write_phantom_folder(tmp_path / "data", n=2, seed=3, size=32)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros(2))
+    out = tmp_path / "o"
+    cases = [
+        (("predict", "--model", tmp_path / "none.tflite"), "no such model file"),
+        (("predict", "--model", model, "--weights", bad), "do not fit the model"),
+        (("train", "--model", model, "--data", tmp_path / "nodata"), "nodata"),
+    ]
+    for args, msg in cases:
+        full = list(args) + (["--data", data] if "--data" not in args else []) + ["--out", out]
+        assert _stand_in(*full) == 2
+        assert msg in capsys.readouterr().err
+    assert not (out / "weights.npz").exists()
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "export_tflite.py"), *args], capture_output=True, text=True
+    )
+
+
+def test_export_cli_bad_inputs_exit_2_and_write_nothing(tmp_path):
+    out = tmp_path / "m.tflite"
+    r = _cli("--run", str(tmp_path / "nope"), "--out", str(out))
+    assert r.returncode == 2 and "not a run folder" in r.stderr and not out.exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(_cfg(), run / "config.json")
+    r = _cli("--run", str(run), "--out", str(out))
+    assert r.returncode == 2 and "not a trained run" in r.stderr
+    np.savez(run / "weights.npz", x=np.zeros(3))
+    r = _cli("--run", str(run), "--out", str(out), "--size", "32")
+    assert r.returncode == 2 and "do not fit the model" in r.stderr
+    r = _cli("--config", str(run / "config.json"), "--out", str(out), "--size", "64")
+    assert r.returncode == 2 and "size must be 32" in r.stderr
+    assert not out.exists() and not ex.sidecar(out).exists()
