@@ -121,6 +121,65 @@ def bench_predict(mc: ModelConfig, size: int, reps: int, samples: int = 10) -> d
     }
 
 
+def bench_tflite(path: str, reps: int) -> dict[str, float]:
+    """Per-call seconds of the file's signatures (LiteRT) and of the jitted JAX functions that
+    do the same work (the file's model, batch and size), in this process."""
+    from nca_jax.config import FinetuneConfig
+    from nca_jax.device_train import TFLiteModel
+    from nca_jax.finetuning import make_finetune_step
+
+    model = TFLiteModel(path)
+    b, s = model.batch, model.size
+    mc = ModelConfig(**model.info["config"]["model"])
+    rng = np.random.default_rng(0)
+    img = rng.uniform(size=(b, s, s, 1)).astype(np.float32)
+    msk = np.zeros_like(img)
+    msk[:, s // 4 : 3 * s // 4, s // 8 : s // 2] = 1
+    calls = {
+        "infer": {"image": img},
+        "train": {"image": img, "mask": msk},
+        "finetune": {"image": img, "target": msk, "weight": np.ones_like(img)},
+        "sample": {"image": img},
+    }
+    out: dict[str, float] = {"tflite_bytes": float(Path(path).stat().st_size)}
+    for sig, kw in calls.items():
+        n = 1 if sig == "sample" else reps
+        _, t = timeit(lambda sig=sig, kw=kw: model.run(sig, **kw), n)
+        out[f"tflite_{sig}_s"] = t
+    # JAX, same work
+    cfg = RunConfig(
+        model=mc,
+        train=TrainConfig(batch_size=b, image_size=s),
+        finetune=FinetuneConfig(batch_size=b),
+    ).validate()
+    params = init_params(mc, key=jax.random.key(0))
+    params["level1"]["dense_out"]["kernel"] += 0.01
+    params["level2"]["dense_out"]["kernel"] += 0.01
+    one = jax.jit(lambda p, i, k: jax.nn.sigmoid(predict_logits(p, i, cfg=mc, key=k)))
+    vm = jax.jit(lambda p, i, k: jax.vmap(lambda kk: one(p, i, kk))(sample_keys(k, 10)))
+    key = jax.random.key(1)
+    _, out["jax_infer_s"] = timeit(lambda: one(params, img[..., 0], key), reps)
+    _, out["jax_sample_s"] = timeit(lambda: vm(params, img[..., 0], key), max(1, reps // 2))
+    for name, step, batch in (
+        ("train", make_train_step(cfg), {"images": img[..., 0], "masks": msk[..., 0]}),
+        (
+            "finetune",
+            make_finetune_step(cfg),
+            {"images": img[..., 0], "targets": msk[..., 0], "weights": np.ones_like(msk[..., 0])},
+        ),
+    ):
+        holder = {"state": init_state(cfg, jax.tree_util.tree_map(jnp.copy, params))}
+
+        def run(step=step, batch=batch, holder=holder):
+            holder["state"], info = step(holder["state"], batch, key)
+            return info["loss"]
+
+        _, out[f"jax_{name}_s"] = timeit(run, reps)
+    for sig in calls:
+        out[f"tflite_over_jax_{sig}"] = out[f"tflite_{sig}_s"] / out[f"jax_{sig}_s"]
+    return out
+
+
 def run_peer(src: str, python: str, batch: int, size: int, steps: int) -> dict[str, Any]:
     cmd = [
         python,
@@ -155,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--peer", help="folder holding the authors' src/ (see ../shared/peer/README.md)")
     p.add_argument("--peer-python", default=sys.executable)
+    p.add_argument("--tflite", help="a .tflite file from export_tflite.py: time its signatures")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
     mc = ModelConfig(steps=a.steps, patch=a.size // 4)
@@ -203,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
             f"10 samples: vmap {r['variance10_vmap_s']:.2f} s, loop {r['variance10_loop_s']:.2f} s",
             flush=True,
         )
+    if a.tflite:
+        r = bench_tflite(a.tflite, a.reps)
+        res["tflite"] = r
+        for sig in ("infer", "sample", "train", "finetune"):
+            print(
+                f"TFLite {sig}: {r[f'tflite_{sig}_s']:.2f} s, JAX {r[f'jax_{sig}_s']:.2f} s "
+                f"({r[f'tflite_over_jax_{sig}']:.1f}x)",
+                flush=True,
+            )
     if a.peer:
         for b in a.batch:
             peer = run_peer(a.peer, a.peer_python, b, a.size, a.steps)

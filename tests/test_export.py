@@ -274,6 +274,15 @@ def test_stand_in_bad_inputs_exit_2(exported, tmp_path, capsys):
     assert not (out / "weights.npz").exists()
 
 
+def test_bench_times_the_signatures_against_jax(exported):
+    from nca_jax.bench import bench_tflite
+
+    r = bench_tflite(str(exported["path"]), reps=1)
+    for sig in ("infer", "sample", "train", "finetune"):
+        assert r[f"tflite_{sig}_s"] > 0 and r[f"jax_{sig}_s"] > 0
+        assert r[f"tflite_over_jax_{sig}"] == r[f"tflite_{sig}_s"] / r[f"jax_{sig}_s"]
+
+
 def _cli(*args):
     return subprocess.run(
         [sys.executable, str(ROOT / "export_tflite.py"), *args], capture_output=True, text=True

@@ -200,12 +200,13 @@ def test_fast_backward_equals_autodiff_of_the_flax_rule():
     base = randomised_params(cfg, seed=3)["level1"]  # every leaf perturbed (norm scale, shift)
     noise = jax.random.normal(jax.random.key(4), (len(jax.tree_util.tree_leaves(base)),))
     leaves, tree = jax.tree_util.tree_flatten(base)
-    params = tree.unflatten([x + 0.3 * e for x, e in zip(leaves, noise)])
+    params = tree.unflatten([x + 0.3 * e for x, e in zip(leaves, noise, strict=True)])
     state = jax.random.normal(jax.random.key(1), (2, 5, 7, 6))
     cot = jax.random.normal(jax.random.key(2), (2, 5, 7, 6))
     rule = m.update_rule(cfg)
     ref_out, ref_vjp = jax.vjp(lambda p, s: rule.apply({"params": p}, s), params, state)
     out, vjp = jax.vjp(lambda p, s: m.apply_rule(p, s, cfg), params, state)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(vjp(cot)), jax.tree_util.tree_leaves(ref_vjp(cot))):
+    got, want = jax.tree_util.tree_leaves(vjp(cot)), jax.tree_util.tree_leaves(ref_vjp(cot))
+    for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
