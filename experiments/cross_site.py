@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", default="results/splits")
     p.add_argument("--results", default="results")
     p.add_argument("--seeds", type=int, nargs="+", help="override the protocol's seeds")
+    p.add_argument("--no-sweep", action="store_true", help="skip Table 2's gamma sweep")
     a = p.parse_args(argv)
     proto = {
         k: v for k, v in json.loads(Path(a.protocol).read_text()).items() if not k.startswith("_")
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(_row(src, tgt, "med-nca", None, seed, ev))
             tgt = next(s for s in SITES if s != src)
             gammas = [fbase.gamma]
-            if seed == seeds[0] and src == proto.get("gamma_source", "shenzhen"):
+            if not a.no_sweep and seed == seeds[0] and src == proto.get("gamma_source", "shenzhen"):
                 gammas = sorted(set(gammas) | set(proto.get("gammas", [])))
             for g in gammas:
                 ft = work / f"vwsl-{src}-to-{tgt}-s{seed}-g{g:g}"

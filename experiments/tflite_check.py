@@ -105,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         plain = Path(tempfile.mkdtemp()) / "plain.tflite"
         ex.export(cfg, params, ex.ExportSpec(), plain, source=a.run)
     res["bytes"] = plain.stat().st_size
+    sizes = {}
+    for sigs in (("infer",), ("infer", "sample"), ("infer", "sample", "train")):
+        f = Path(tempfile.mkdtemp()) / "part.tflite"
+        sizes["+".join(sigs)] = ex.export(cfg, params, ex.ExportSpec(signatures=sigs), f)["bytes"]
+    sizes["all"] = res["bytes"]
+    res["bytes_per_signature_set"] = sizes
     res["timing"] = bench_tflite(str(plain), a.reps)
     ckpt.write_json(a.out, res)
     print(json.dumps(res, indent=1, default=float))

@@ -58,14 +58,17 @@ class TFLiteModel:
             self.interpreter = Interpreter(model_path=str(self.path))
         except Exception as e:  # noqa: BLE001 - any loader failure is a bad file
             raise DeviceError(f"{self.path}: not a loadable .tflite file ({e})") from e
-        missing = {"infer", "sample", "train", "finetune", "get_weights", "set_weights"} - set(
-            self.interpreter.get_signature_list()
-        )
+        self.signatures = set(self.interpreter.get_signature_list())
+        missing = {"get_weights", "set_weights"} - self.signatures
         if missing:
             raise DeviceError(f"{self.path}: lacks the signatures {sorted(missing)}")
         self._runners: dict[str, Any] = {}
 
     def run(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if signature not in self.signatures:
+            raise DeviceError(
+                f"{self.path}: has no {signature!r} signature (export it with --signatures)"
+            )
         if signature not in self._runners:
             self._runners[signature] = self.interpreter.get_signature_runner(signature)
         return self._runners[signature](**inputs)

@@ -68,6 +68,7 @@ class ExportSpec:
     samples: int = 10  # predictions behind `sample`
     fixed_randomness: bool = False  # add the *_fixed signatures (tests)
     seed: int = 1  # device draws: a reproducible stream per loaded file; 0 = seeded at run time
+    signatures: tuple[str, ...] = SIGNATURES  # a subset makes a smaller file (e.g. infer only)
 
     def validate(self, cfg: RunConfig) -> None:
         mc = cfg.model
@@ -86,6 +87,9 @@ class ExportSpec:
                 raise ExportError(f"{name} must be finite and positive, got {v}")
         if self.samples < 2:
             raise ExportError("samples must be >= 2")
+        unknown = set(self.signatures) - set(SIGNATURES)
+        if unknown or not self.signatures:
+            raise ExportError(f"signatures must be a non-empty subset of {SIGNATURES}")
 
 
 def signature_name(weight_name: str) -> str:
@@ -412,9 +416,7 @@ def convert(cfg: RunConfig, params: Params, spec: ExportSpec) -> bytes:
     spec.validate(cfg)
     fns = Functions(cfg, spec, params)
     module = _build_module(fns)
-    keys = list(SIGNATURES + EXTRA_SIGNATURES)
-    if spec.fixed_randomness:
-        keys += list(FIXED_SIGNATURES)
+    keys = signature_keys(spec)
     sigs = {k: getattr(module, k).get_concrete_function() for k in keys}
     with tempfile.TemporaryDirectory() as d:
         tf.saved_model.save(module, d, signatures=sigs)
@@ -449,8 +451,7 @@ def export(
         "config": cfg.to_dict(),
         "spec": dataclasses.asdict(spec),
         "weights": flatten_names(params),
-        "signatures": list(SIGNATURES + EXTRA_SIGNATURES)
-        + (list(FIXED_SIGNATURES) if spec.fixed_randomness else []),
+        "signatures": signature_keys(spec),
         "ops": ops,
         "flex_ops": [o for o in ops if o.startswith("Flex") or o == "CUSTOM"],
         "bytes": len(model),
@@ -458,6 +459,13 @@ def export(
     atomic_write_bytes(out, model)
     atomic_write_text(sidecar(out), json.dumps(info, indent=2) + "\n")
     return info
+
+
+def signature_keys(spec: ExportSpec) -> list[str]:
+    """The signatures a file of this spec holds (weights access and the optimizer state always)."""
+    keys = [k for k in SIGNATURES if k in spec.signatures or k in ("get_weights", "set_weights")]
+    keys += list(EXTRA_SIGNATURES)
+    return keys + (list(FIXED_SIGNATURES) if spec.fixed_randomness else [])
 
 
 def flatten_names(params: Params) -> list[str]:

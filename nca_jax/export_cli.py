@@ -9,7 +9,7 @@ import time
 from nca_jax import checkpoint as ckpt
 from nca_jax.cli import run_cli
 from nca_jax.config import ConfigError, load_config
-from nca_jax.export import ExportError, ExportSpec, export
+from nca_jax.export import SIGNATURES, ExportError, ExportSpec, export
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "0 = seeded by the runtime",
     )
     p.add_argument(
+        "--signatures",
+        nargs="+",
+        default=list(SIGNATURES),
+        help="signatures to export (default: all; get/set_weights always)",
+    )
+    p.add_argument(
         "--fixed-randomness",
         action="store_true",
         help="also export infer_fixed/train_fixed/finetune_fixed (masks as inputs; tests)",
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         samples=a.samples,
         fixed_randomness=a.fixed_randomness,
         seed=a.seed,
+        signatures=tuple(a.signatures),
     )
     if a.run:
         cfg, params = ckpt.load_run(a.run, a.weights)
