@@ -157,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             dst.mkdir(parents=True, exist_ok=True)
             for f in ("config.json", "weights.npz", "run.json"):
                 shutil.copy(work / f"train-{src}-s{seed}" / f, dst / f)
+            tgt = next(s for s in SITES if s != src)
+            ft = work / f"vwsl-{src}-to-{tgt}-s{seed}-g{fbase.gamma:g}"
+            dst = res_dir / "runs" / f"xsite-vwsl-{src}-to-{tgt}-seed{seed}"
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in ("config.json", "weights.npz", "run.json", "metrics.jsonl"):
+                if (ft / f).exists():  # no PNGs: std maps show the patients' anatomy
+                    shutil.copy(ft / f, dst / f)
     g0 = fbase.gamma
     for src in SITES:
         tgt = next(s for s in SITES if s != src)
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             work / f"train-{src}-s{seeds[0]}",
             work / f"vwsl-{src}-to-{tgt}-s{seeds[0]}-g{g0:g}",
             test[tgt],
-            res_dir / "figures" / f"cross_site_{src}_to_{tgt}.png",
+            work / "figures" / f"cross_site_{src}_to_{tgt}.png",  # real X-rays: never results/
         )
     print((res_dir / "cross_site.md").read_text())
     return 0
