@@ -274,40 +274,18 @@ def _build_module(fns: Functions) -> Any:
         def _infer(self, image, m1, m2):
             return infer_tf(self._read(self.w), image, m1, m2)
 
-        def _train(self, image, mask, m1, m2, yx):
-            p, o, st, loss = train_tf(
-                self._read(self.w),
-                self._read(self.train_opt),
-                self.train_step.read_value(),
-                image,
-                mask,
-                m1,
-                m2,
-                yx,
-            )
-            deps = self._assign(self.w, p) + self._assign(self.train_opt, o)
-            deps.append(self.train_step.assign(st))
+        def _step(self, fn, opt: list, step: Any, *inputs: Any) -> Any:
+            """One converted optimizer step: read the variables, assign the results, -> loss."""
+            p, o, st, loss = fn(self._read(self.w), self._read(opt), step.read_value(), *inputs)
+            deps = self._assign(self.w, p) + self._assign(opt, o) + [step.assign(st)]
             with tf.control_dependencies(deps):
                 return tf.identity(loss)
 
-        def _finetune(self, image, target, weight, m1a, m1b, m2a, m2b, yx):
-            p, o, st, loss = ft_tf(
-                self._read(self.w),
-                self._read(self.ft_opt),
-                self.ft_step.read_value(),
-                image,
-                target,
-                weight,
-                m1a,
-                m1b,
-                m2a,
-                m2b,
-                yx,
-            )
-            deps = self._assign(self.w, p) + self._assign(self.ft_opt, o)
-            deps.append(self.ft_step.assign(st))
-            with tf.control_dependencies(deps):
-                return tf.identity(loss)
+        def _train(self, *inputs):  # image, mask, masks1, masks2, patch_yx
+            return self._step(train_tf, self.train_opt, self.train_step, *inputs)
+
+        def _finetune(self, *inputs):  # image, target, weight, 4 x masks, patch_yx
+            return self._step(ft_tf, self.ft_opt, self.ft_step, *inputs)
 
         @tf.function(autograph=False, input_signature=[img_spec])
         def infer(self, image):
