@@ -183,40 +183,64 @@ def _epochs(
     return times, float(np.median(warm))
 
 
-def cmd_train(a: argparse.Namespace) -> int:
+def _open(a: argparse.Namespace, masks: bool) -> tuple[TFLiteModel, Dataset, Path]:
+    """The model file (with --weights loaded), the data at its size, the output folder."""
     model = TFLiteModel(a.model)
     if a.weights:
         model.set_weights(read_weights(a.weights), a.weights)
-    data = load_data(a, model.size, masks=True)
+    data = load_data(a, model.size, masks=masks)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    inputs = {"image": nhwc(data.images), "mask": nhwc(data.masks)}
-    times, step_s = _epochs(model, "train", inputs, a.epochs, a.seed, out, a.log_every)
+    return model, data, out
+
+
+def _finish(
+    a: argparse.Namespace,
+    model: TFLiteModel,
+    out: Path,
+    mode: str,
+    images: int,
+    steps: int,
+    t0: float,
+    **extra: float,
+) -> int:
+    """Writes the run folder and prints its record."""
     rec = {
-        "mode": "device_train",
+        "mode": mode,
         "model_file": str(a.model),
         "data": str(a.data),
-        "images": len(data),
+        "images": images,
         "epochs": a.epochs,
-        "steps": len(times),
+        "steps": steps,
         "seed": a.seed,
-        "train_step_s": step_s,
+        **extra,
         "wall_s": time.perf_counter() - t0,
-        **projection(model, step_s, None, None),
     }
     write_run(out, model, rec)
     print(json.dumps(rec))
     return 0
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    model, data, out = _open(a, masks=True)
+    t0 = time.perf_counter()
+    inputs = {"image": nhwc(data.images), "mask": nhwc(data.masks)}
+    times, step_s = _epochs(model, "train", inputs, a.epochs, a.seed, out, a.log_every)
+    return _finish(
+        a,
+        model,
+        out,
+        "device_train",
+        len(data),
+        len(times),
+        t0,
+        train_step_s=step_s,
+        **projection(model, step_s, None, None),
+    )
+
+
 def cmd_finetune(a: argparse.Namespace) -> int:
-    model = TFLiteModel(a.model)
-    if a.weights:
-        model.set_weights(read_weights(a.weights), a.weights)
-    data = load_data(a, model.size, masks=False)  # masks are never read
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    model, data, out = _open(a, masks=False)  # masks are never read
     t0 = time.perf_counter()
     images = nhwc(data.images)
     targets, weights, sample_times = [], [], []
@@ -235,32 +259,23 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     uncertainty_before = float(np.mean(1.0 - inputs["weight"]) / 2)
     times, step_s = _epochs(model, "finetune", inputs, a.epochs, a.seed, out, a.log_every)
     sample_s = float(np.median(sample_times))
-    rec = {
-        "mode": "device_finetune",
-        "model_file": str(a.model),
-        "data": str(a.data),
-        "images": len(used),
-        "epochs": a.epochs,
-        "steps": len(times),
-        "seed": a.seed,
-        "sample_s": sample_s,
-        "finetune_step_s": step_s,
-        "mean_std_before": uncertainty_before,
-        "wall_s": time.perf_counter() - t0,
+    return _finish(
+        a,
+        model,
+        out,
+        "device_finetune",
+        len(used),
+        len(times),
+        t0,
+        sample_s=sample_s,
+        finetune_step_s=step_s,
+        mean_std_before=uncertainty_before,
         **projection(model, None, step_s, sample_s),
-    }
-    write_run(out, model, rec)
-    print(json.dumps(rec))
-    return 0
+    )
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    model = TFLiteModel(a.model)
-    if a.weights:
-        model.set_weights(read_weights(a.weights), a.weights)
-    data = load_data(a, model.size, masks=False)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    model, data, out = _open(a, masks=False)
     images = nhwc(data.images)
     n = len(data)
     pad = (-n) % model.batch  # fill the last batch with copies; their outputs are dropped

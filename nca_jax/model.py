@@ -119,10 +119,6 @@ def cell_mlp(
     return _mlp_forward(x, w1, b1, scale, shift, w2, eps)[0]
 
 
-def _cell_mlp_fwd(x, w1, b1, scale, shift, w2, eps):
-    return _mlp_forward(x, w1, b1, scale, shift, w2, eps)
-
-
 def _cell_mlp_bwd(eps, res, g):
     del eps
     x, w1, scale, shift, w2, xhat, rstd = res
@@ -136,7 +132,7 @@ def _cell_mlp_bwd(eps, res, g):
     return dh @ w1.T, x.T @ dh, jnp.sum(dh, axis=0), dscale, dshift, dw2
 
 
-cell_mlp.defvjp(_cell_mlp_fwd, _cell_mlp_bwd)
+cell_mlp.defvjp(_mlp_forward, _cell_mlp_bwd)  # the forward already returns the residuals
 
 
 def apply_rule(level_params: Params, state: jax.Array, cfg: ModelConfig) -> jax.Array:
