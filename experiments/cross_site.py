@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     g0 = fbase.gamma
     for src in SITES:
         tgt = next(s for s in SITES if s != src)
+        if (work / "figures" / f"cross_site_{src}_to_{tgt}.png").exists():
+            continue  # a resumed run does not redraw (40 predictions of 10 samples)
         write_figure(
             work / f"train-{src}-s{seeds[0]}",
             work / f"vwsl-{src}-to-{tgt}-s{seeds[0]}-g{g0:g}",

@@ -5,6 +5,11 @@ Two folder layouts are understood:
 * plain:   ``root/images/NAME.ext`` and ``root/masks/NAME.ext`` (same file name stem);
 * nnU-Net: ``root/imagesTr/NAME_0000.ext`` and ``root/labelsTr/NAME.ext``.
 
+Images may be PNG, JPEG, TIFF, BMP or DICOM (``.dcm``, read by :mod:`nca_jax.dicom` with the
+optional pydicom). Masks may instead come from a CheXmask CSV (``chexmask=``, see
+:mod:`nca_jax.chexmask`). With ``skip_bad=True`` a case that cannot be read is skipped with a
+warning instead of stopping the whole load.
+
 Every problem with the input is raised as :class:`DataError`, whose message is a single line that
 starts with the offending path. No JAX here: everything is numpy.
 """
@@ -20,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 _NNUNET_IMAGE_STEM = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
 # Pillow modes whose pixel values are read as numbers directly (no 8-bit conversion).
 _NUMERIC_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -169,15 +174,35 @@ def _normalise(image: np.ndarray) -> np.ndarray:
     return ((image - lo) / (hi - lo)).astype(np.float32)
 
 
-def _load_image_and_shape(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """((size, size) float32 in [0, 1], original (H, W)) for one image file."""
-    _check_size(size)
-    path = Path(path)
-    grey = _grey_array(_read(path, "image")).astype(np.float32)
+def _is_dicom(path: Path) -> bool:
+    return path.suffix.lower() == ".dcm"
+
+
+def _raw_grey(path: Path) -> np.ndarray:
+    """(H, W) float32 grey values of an image file at its own size (DICOM: display values)."""
+    if _is_dicom(path):
+        from nca_jax.dicom import read_dicom
+
+        grey = read_dicom(path).astype(np.float32)
+    else:
+        grey = _grey_array(_read(path, "image")).astype(np.float32)
     if grey.ndim != 2 or grey.size == 0:
         raise DataError(f"{path}: not a readable image (unexpected pixel array {grey.shape})")
     if not np.isfinite(grey).all():
         raise DataError(f"{path}: image contains NaN or infinite values")
+    return grey
+
+
+def read_grey_native(path: str | Path) -> np.ndarray:
+    """One image at its own size: (H, W) float32 min-max normalised to [0, 1]."""
+    return _normalise(_raw_grey(Path(path)))
+
+
+def _load_image_and_shape(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """((size, size) float32 in [0, 1], original (H, W)) for one image file."""
+    _check_size(size)
+    path = Path(path)
+    grey = _raw_grey(path)
     shape = (int(grey.shape[0]), int(grey.shape[1]))
     if shape != (size, size):
         resized = Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR)
@@ -237,8 +262,26 @@ def load_mask(
     after binarising. Unreadable files raise DataError.
     """
     _check_size(size)
+    mask = read_mask_native(path, image_shape=image_shape, warn=warn)
+    if mask.shape != (size, size):
+        mask = _nearest(mask, size)
+    return mask
+
+
+def read_mask_native(
+    path: str | Path,
+    *,
+    image_shape: tuple[int, int] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """One lung mask at its own size: (H, W) float32 in {0, 1}; rules as in load_mask."""
     path = Path(path)
-    values = _grey_array(_read(path, "mask"))
+    if _is_dicom(path):
+        from nca_jax.dicom import read_dicom
+
+        values = read_dicom(path, raw=True)
+    else:
+        values = _grey_array(_read(path, "mask"))
     if values.ndim != 2 or values.size == 0:
         raise DataError(f"{path}: not a readable mask (unexpected pixel array {values.shape})")
     if image_shape is not None and tuple(values.shape) != tuple(image_shape):
@@ -261,9 +304,24 @@ def load_mask(
             warnings.warn(message, stacklevel=2)
         else:
             warn(message)
-    if mask.shape != (size, size):
-        mask = _nearest(mask, size)
     return mask.astype(np.float32)
+
+
+MaskFor = Callable[[str, Path, tuple[int, int]], np.ndarray]  # (name, image, shape) -> (H, W)
+
+
+def _chexmask_source(csv_path: str | Path, names: list[str]) -> MaskFor:
+    """Masks for the named cases from a CheXmask CSV (read once, only the rows needed)."""
+    from nca_jax.chexmask import lung_mask, read_chexmask_csv
+
+    rows = read_chexmask_csv(csv_path, names=set(names))
+
+    def mask_for(name: str, image_path: Path, shape: tuple[int, int]) -> np.ndarray:
+        if name not in rows:
+            raise DataError(f"{csv_path}: no row for image {image_path} (case {name!r})")
+        return lung_mask(rows[name], shape, image_path)
+
+    return mask_for
 
 
 def _load_pairs(
@@ -273,18 +331,40 @@ def _load_pairs(
     require_masks: bool,
     warn: Callable[[str], None] | None,
     source: str,
+    mask_for: MaskFor | None = None,
+    skip_bad: bool = False,
 ) -> Dataset:
-    """Loads (name, image, mask) triples into a Dataset of (N, size, size) arrays."""
+    """Loads (name, image, mask) triples into a Dataset of (N, size, size) arrays. Masks come from
+    the mask files, or from mask_for(name, image_path, original_shape) when given. skip_bad:
+    a case raising DataError is left out with a warning (all cases bad is still an error)."""
     _check_size(size)
+    say = warn or (lambda m: warnings.warn(m, stacklevel=3))
     images = np.empty((len(pairs), size, size), np.float32)
     masks = np.empty((len(pairs), size, size), np.float32) if require_masks else None
-    for i, (_, image_path, mask_path) in enumerate(pairs):
-        images[i], shape = _load_image_and_shape(image_path, size)
-        if masks is not None:
-            if mask_path is None:
-                raise DataError(f"{image_path}: image has no mask")
-            masks[i] = load_mask(mask_path, size, image_shape=shape, warn=warn)
-    return Dataset(tuple(name for name, _, _ in pairs), images, masks, source)
+    kept: list[int] = []
+    for i, (name, image_path, mask_path) in enumerate(pairs):
+        try:
+            images[i], shape = _load_image_and_shape(image_path, size)
+            if masks is not None:
+                if mask_for is not None:
+                    m = mask_for(name, image_path, shape)
+                    masks[i] = m if m.shape == (size, size) else _nearest(m, size)
+                elif mask_path is None:
+                    raise DataError(f"{image_path}: image has no mask")
+                else:
+                    masks[i] = load_mask(mask_path, size, image_shape=shape, warn=warn)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            say(f"skipped {name}: {e}")
+            continue
+        kept.append(i)
+    if not kept:
+        raise DataError(f"{source}: no case could be read")
+    if len(kept) < len(pairs):
+        images = images[kept]
+        masks = None if masks is None else masks[kept]
+    return Dataset(tuple(pairs[i][0] for i in kept), images, masks, source)
 
 
 def load_folder(
@@ -293,11 +373,22 @@ def load_folder(
     size: int = 256,
     require_masks: bool = True,
     warn: Callable[[str], None] | None = None,
+    chexmask: str | Path | None = None,
+    skip_bad: bool = False,
 ) -> Dataset:
-    """find_pairs + load every pair: images (N, size, size), masks (N, size, size) or None."""
-    pairs = find_pairs(root, require_masks=require_masks)
+    """find_pairs + load every pair: images (N, size, size), masks (N, size, size) or None.
+    chexmask: masks from this CheXmask CSV instead of a mask folder (masks/ is not read).
+    skip_bad: leave out unreadable cases with a warning instead of raising."""
+    pairs = find_pairs(root, require_masks=require_masks and chexmask is None)
+    mask_for = _chexmask_source(chexmask, [p[0] for p in pairs]) if chexmask else None
     return _load_pairs(
-        pairs, size=size, require_masks=require_masks, warn=warn, source=str(Path(root))
+        pairs,
+        size=size,
+        require_masks=require_masks,
+        warn=warn,
+        source=str(Path(root)),
+        mask_for=mask_for if require_masks else None,
+        skip_bad=skip_bad,
     )
 
 
@@ -332,18 +423,24 @@ def load_split(
     size: int = 256,
     require_masks: bool = True,
     warn: Callable[[str], None] | None = None,
+    chexmask: str | Path | None = None,
+    skip_bad: bool = False,
 ) -> Dataset:
     """Like load_folder (same keyword arguments) but only the cases listed in `names_file` (see
     read_names), in the file's order. A listed name not in the folder raises DataError."""
     names = read_names(names_file)
-    by_name = {p[0]: p for p in find_pairs(root, require_masks=require_masks)}
+    found = find_pairs(root, require_masks=require_masks and chexmask is None)
+    by_name = {p[0]: p for p in found}
     for name in names:
         if name not in by_name:
             raise DataError(f"{names_file}: case {name!r} is not in {root}")
+    mask_for = _chexmask_source(chexmask, names) if chexmask and require_masks else None
     return _load_pairs(
         [by_name[name] for name in names],
         size=size,
         require_masks=require_masks,
         warn=warn,
         source=str(Path(root)),
+        mask_for=mask_for,
+        skip_bad=skip_bad,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -115,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="folder with images/ (+ masks/); default: embedded phantoms")
     p.add_argument("--split", help="text file of case names to evaluate (default: all)")
     p.add_argument("--no-masks", action="store_true", help="predict only; never read masks")
+    p.add_argument("--chexmask", help="CheXmask CSV giving the lung masks (instead of masks/)")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="leave out unreadable cases with a warning"
+    )
     p.add_argument("--out", required=True, help="output folder (must not exist, or --overwrite)")
     p.add_argument("--samples", type=int, default=10, help="stochastic predictions per image")
     p.add_argument("--seed", type=int, default=0)
@@ -144,10 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         from nca_jax.train_cli import PHANTOM_TEST_SEED
 
         data = make_phantom_dataset(20, PHANTOM_TEST_SEED, size)
-    elif a.split:
-        data = load_split(a.data, a.split, size=size, require_masks=not a.no_masks)
     else:
-        data = load_folder(a.data, size=size, require_masks=not a.no_masks)
+        kw = {
+            "size": size,
+            "require_masks": not a.no_masks,
+            "chexmask": a.chexmask,
+            "skip_bad": a.skip_bad,
+            "warn": lambda m: print(f"warning: {m}", file=sys.stderr),
+        }
+        data = load_split(a.data, a.split, **kw) if a.split else load_folder(a.data, **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

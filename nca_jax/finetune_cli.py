@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from nca_jax import checkpoint as ckpt
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-uncertainty-after",
         action="store_true",
         help="skip the std maps / quality scores after fine-tuning",
+    )
+    p.add_argument(
+        "--skip-bad", action="store_true", help="leave out unreadable images with a warning"
     )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -90,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         fc = build_config(a)  # bad gamma / lr: error before anything is read or written
     source, params = ckpt.load_run(a.run, a.weights)
     size = source.train.image_size
-    if a.split:
-        data = load_split(a.data, a.split, size=size, require_masks=False)
-    else:
-        data = load_folder(a.data, size=size, require_masks=False)
+    kw = {
+        "size": size,
+        "require_masks": False,
+        "skip_bad": a.skip_bad,
+        "warn": lambda m: print(f"warning: {m}", file=sys.stderr),
+    }
+    data = load_split(a.data, a.split, **kw) if a.split else load_folder(a.data, **kw)
     s = finetune(
         source,
         params,

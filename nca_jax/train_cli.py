@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from nca_jax.cli import run_cli
@@ -30,6 +31,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument(
+        "--chexmask",
+        help="CheXmask CSV: lung masks (left | right) for the images of --data and --val, "
+        "instead of a masks/ folder",
+    )
+    p.add_argument(
+        "--skip-bad", action="store_true", help="leave out unreadable cases with a warning"
+    )
     p.add_argument("--phantoms", type=int, default=40, help="number of phantoms without --data")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -37,13 +46,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_labelled(
-    folder: str | None, split: str | None, size: int, n_phantoms: int, phantom_seed: int
+    folder: str | None,
+    split: str | None,
+    size: int,
+    n_phantoms: int,
+    phantom_seed: int,
+    *,
+    chexmask: str | None = None,
+    skip_bad: bool = False,
 ) -> Dataset:
     if folder is None:
         return make_phantom_dataset(n_phantoms, phantom_seed, size)
+    warn = _warn_stderr
     if split:
-        return load_split(folder, split, size=size)
-    return load_folder(folder, size=size)
+        return load_split(folder, split, size=size, chexmask=chexmask, skip_bad=skip_bad, warn=warn)
+    return load_folder(folder, size=size, chexmask=chexmask, skip_bad=skip_bad, warn=warn)
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(a.config) if a.config else RunConfig().validate()
     cfg = with_overrides(cfg, epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, lr=a.lr)
     size = cfg.train.image_size
-    train = load_labelled(a.data, a.split, size, a.phantoms, PHANTOM_TRAIN_SEED)
+    masks = {"chexmask": a.chexmask, "skip_bad": a.skip_bad}
+    train = load_labelled(a.data, a.split, size, a.phantoms, PHANTOM_TRAIN_SEED, **masks)
     val = None
     if a.val or a.data is None:
-        val = load_labelled(a.val, a.val_split, size, max(a.phantoms // 4, 4), PHANTOM_VAL_SEED)
+        n_val = max(a.phantoms // 4, 4)
+        val = load_labelled(a.val, a.val_split, size, n_val, PHANTOM_VAL_SEED, **masks)
     summary = train_and_evaluate(
         cfg, train, a.out, val=val, resume=a.resume, progress=not a.no_progress
     )
