@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -92,17 +93,42 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     test = {s: load(a, s, f"{s}_test", size) for s in SITES}
 
-    def run_eval(run: Path, site: str) -> dict[str, Any]:
+    def run_eval(run: Path, site: str, n: int | None = None, k: int = samples) -> dict[str, Any]:
         c, prm = ckpt.load_run(run)
-        s = evaluate(c, prm, test[site], samples=samples, seed=0)
+        d = test[site]
+        if n is not None:  # the first n test images (uncertainty: k samples each)
+            d = Dataset(d.names[:n], d.images[:n], d.masks[:n], d.source)
+        s = evaluate(c, prm, d, samples=k, seed=0)
         s.pop("cases")
         return s
+
+    unc_rows: list[dict[str, Any]] = []
+    unc_n, unc_k = proto.get("uncertainty_images", 8), proto.get("uncertainty_samples", 10)
+
+    def uncertainty(run: Path, name: str, src: str, tgt: str, method: str) -> None:
+        """Quality score (spread of unc_k samples) on the first unc_n target test images."""
+        u = unit(work / f"unc-{name}.json", lambda: run_eval(run, tgt, unc_n, unc_k))
+        unc_rows.append(
+            {
+                "train_site": src,
+                "test_site": tgt,
+                "method": method,
+                "n": u["n"],
+                "samples": u["samples"],
+                "quality_mean": u["quality_mean"],
+                "quality_std": u["quality_std"],
+                "dice_mean": u["dice_mean"],
+                "wall_s": u["wall_s"],
+            }
+        )
 
     def publish(rows: list[dict[str, Any]]) -> None:
         res_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(res_dir / "cross_site.json", rows)
-        tables = tables_markdown(rows, fbase.gamma, proto, time.perf_counter() - t_all)
-        atomic_write_text(res_dir / "cross_site.md", tables)
+        if unc_rows:
+            ckpt.write_json(res_dir / "cross_site_uncertainty.json", unc_rows)
+        tables = tables_markdown(rows, fbase.gamma, proto, time.perf_counter() - t_all, unc_rows)
+        atomic_write_text(res_dir / "cross_site.md", tables + unit_times(work, fbase.gamma))
 
     for seed in seeds:
         for src in SITES:
@@ -128,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rows.append(_row(src, tgt, "med-nca", None, seed, ev))
             tgt = next(s for s in SITES if s != src)
+            if seed == seeds[0] and unc_n > 0:
+                uncertainty(run, f"{src}-s{seed}-on-{tgt}", src, tgt, "med-nca")
             gammas = [fbase.gamma]
             if not a.no_sweep and seed == seeds[0] and src == proto.get("gamma_source", "shenzhen"):
                 gammas = sorted(set(gammas) | set(proto.get("gammas", [])))
@@ -149,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                     lambda ft=ft, tgt=tgt: run_eval(ft, tgt),
                 )
                 rows.append(_row(src, tgt, "vwsl", g, seed, ev))
+                if seed == seeds[0] and g == fbase.gamma and unc_n > 0:
+                    uncertainty(ft, f"vwsl-{src}-to-{tgt}-s{seed}-g{g:g}", src, tgt, "vwsl")
             publish(rows)  # partial tables after every unit group, so a cut run still reports
     publish(rows)
     for seed in seeds[:1]:
@@ -177,6 +207,29 @@ def main(argv: list[str] | None = None) -> int:
         )
     print((res_dir / "cross_site.md").read_text())
     return 0
+
+
+def unit_times(work: Path, gamma: float) -> str:
+    """Sum of the measured unit wall times (each unit's JSON) per seed: Table 1 units, the gamma
+    sweep's extra units, and the uncertainty units, as a markdown list."""
+    groups: dict[str, float] = {}
+    for f in sorted(work.glob("*.json")):
+        m = re.search(r"-s(\d+)(?:-|\.json)", f.name)
+        if m is None:
+            continue
+        g = re.search(r"-g([^-]+)\.json$", f.name)
+        part = "uncertainty" if f.name.startswith("unc-") else "Table 1"
+        if g is not None and float(g.group(1)) != gamma:
+            part = "gamma sweep"
+        key = f"seed {m.group(1)}, {part}"
+        groups[key] = groups.get(key, 0.0) + json.loads(f.read_text()).get("wall_s", 0.0)
+    lines = [f"- {k}: {v / 60:.1f} min" for k, v in sorted(groups.items())]
+    total = sum(groups.values()) / 60
+    return (
+        "\nMeasured unit wall times (2 cores; other jobs shared the cores for some units):\n\n"
+        + "\n".join(lines)
+        + f"\n- all units: {total:.1f} min\n"
+    )
 
 
 def write_figure(before: Path, after: Path, data: Dataset, png: Path, n: int = 4) -> None:
@@ -233,7 +286,11 @@ def _row(
 
 
 def tables_markdown(
-    rows: list[dict[str, Any]], gamma: float, proto: dict[str, Any], wall: float
+    rows: list[dict[str, Any]],
+    gamma: float,
+    proto: dict[str, Any],
+    wall: float,
+    unc_rows: list[dict[str, Any]] | None = None,
 ) -> str:
     def cell(src: str, tgt: str, method: str, g: float | None) -> str:
         d = [
@@ -269,12 +326,29 @@ def tables_markdown(
     ]
     for g in sorted({r["gamma"] for r in rows if r["method"] == "vwsl"}):
         gl.append(f"| {g:g} | {cell(src, tgt, 'vwsl', g)} |")
+    ul = [
+        "| trained on | tested on | model | quality (mean ± std) | Dice |",
+        "|---|---|---|---|---|",
+    ]
+    for u in unc_rows or []:
+        ul.append(
+            f"| {u['train_site']} | {u['test_site']} | {u['method']} | "
+            f"{u['quality_mean']:.4f} ± {u['quality_std']:.4f} | {u['dice_mean']:.3f} |"
+        )
+    unc_text = (
+        f"\n\nUncertainty (first {proto.get('uncertainty_images', 8)} test images of the target "
+        f"site, {proto.get('uncertainty_samples', 10)} samples each; quality score, lower = surer)"
+        "\n\n" + "\n".join(ul)
+        if unc_rows
+        else ""
+    )
     return (
         "Table 1 (Dice of the thresholded mean of the samples; mean ± std over seeds of the "
         "per-seed mean over test images)\n\n"
         + "\n".join(lines)
         + f"\n\nTable 2 (trained on {src}, seed {proto.get('seeds', [0])[0]})\n\n"
         + "\n".join(gl)
+        + unc_text
         + f"\n\nwall time of this invocation: {wall:.0f} s; paper: "
         f"VWSL gains {PAPER_VWSL_GAIN} across sites\n"
     )

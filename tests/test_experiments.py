@@ -30,6 +30,8 @@ def test_cross_site_runs_and_resumes_on_phantom_sites(tmp_path):
         "eval_samples": 2,
         "seeds": [0],
         "gammas": [0, 100],
+        "uncertainty_images": 2,
+        "uncertainty_samples": 2,
     }
     (tmp_path / "p.json").write_text(json.dumps(proto))
     cmd = [
@@ -57,7 +59,78 @@ def test_cross_site_runs_and_resumes_on_phantom_sites(tmp_path):
         ("vwsl", 100),
     }
     assert (tmp_path / "results" / "runs" / "xsite-shenzhen-seed0" / "weights.npz").exists()
+    unc = json.loads((tmp_path / "results" / "cross_site_uncertainty.json").read_text())
+    assert {(u["train_site"], u["method"]) for u in unc} == {
+        (s, m) for s in ("shenzhen", "montgomery") for m in ("med-nca", "vwsl")
+    }
+    assert "Measured unit wall times" in (tmp_path / "results" / "cross_site.md").read_text()
     # a second invocation reuses every unit (resumable) and gives the same rows
     r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r2.returncode == 0
     assert json.loads((tmp_path / "results" / "cross_site.json").read_text()) == rows
+
+
+@pytest.mark.slow
+def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
+    from nca_jax.data import load_folder
+    from nca_jax.training import train_and_evaluate
+
+    data, splits = tmp_path / "data", tmp_path / "splits"
+    splits.mkdir()
+    write_phantom_folder(data / "shenzhen", n=4, seed=10, size=32)
+    write_phantom_folder(data / "montgomery", n=6, seed=11, size=32)
+    names = sorted(p.stem for p in (data / "montgomery" / "images").iterdir())
+    (splits / "montgomery_test.txt").write_text("\n".join(names[:3]) + "\n")
+    (splits / "montgomery_train.txt").write_text("\n".join(names[3:]) + "\n")
+    run = tmp_path / "source"
+    train_and_evaluate(tiny_cfg, load_folder(data / "shenzhen", size=32), run, progress=False)
+    proto = {
+        "source_run": str(run),
+        "train_site": "shenzhen",
+        "test_site": "montgomery",
+        "presets": ["severe"],
+        "n_finetune": [3, 1],
+        "finetune": {"epochs": 1, "batch_size": 2, "samples": 2, "gamma": 100.0},
+        "eval_samples": 1,
+        "uncertainty_images": 2,
+        "uncertainty_samples": 2,
+    }
+    (tmp_path / "p.json").write_text(json.dumps(proto))
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "capture_experiment.py"),
+        "--protocol",
+        str(tmp_path / "p.json"),
+        "--work",
+        str(tmp_path / "work"),
+        "--data",
+        str(data),
+        "--splits",
+        str(splits),
+        "--results",
+        str(tmp_path / "results"),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "results" / "capture.json").read_text())
+    keys = {"train_site", "test_site", "preset", "method", "n_finetune_images", "seed"}
+    assert all(keys | {"dice_mean", "dice_std", "n"} <= set(row) for row in rows)
+    assert {(r["preset"], r["method"], r["n_finetune_images"]) for r in rows} == {
+        ("none", "med-nca", 0),
+        ("severe", "med-nca", 0),
+        ("severe", "vwsl", 3),
+        ("severe", "vwsl", 1),
+    }
+    assert all(r["n"] == 3 for r in rows)
+    captured = tmp_path / "work" / "captured-montgomery-severe-s0"
+    assert len(list((captured / "masks").iterdir())) == 6  # masks captured, never committed
+    assert not (
+        tmp_path
+        / "results"
+        / "runs"
+        / "capture-vwsl-shenzhen-to-montgomery-severe-n3"
+        / "uncertainty"
+    ).exists()
+    r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r2.returncode == 0
+    assert json.loads((tmp_path / "results" / "capture.json").read_text()) == rows
