@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import time
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="../shared/data/cxr")
     p.add_argument("--splits", default="results/splits")
     p.add_argument("--results", default="results")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the protocol's VWSL seeds")
     a = p.parse_args(argv)
     proto = {
         k: v for k, v in json.loads(Path(a.protocol).read_text()).items() if not k.startswith("_")
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     samples = proto.get("eval_samples", 1)
     unc_n, unc_samples = proto.get("uncertainty_images", 8), proto.get("uncertainty_samples", 10)
     cap_seed = proto.get("capture_seed", 0)
+    seeds = a.seeds if a.seeds is not None else proto.get("seeds", [0])
+    proto["seeds"] = seeds
     t_all = time.perf_counter()
     rows: list[dict[str, Any]] = []
     unc: list[dict[str, Any]] = []
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         res_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(res_dir / "capture.json", rows)
         ckpt.write_json(res_dir / "capture_uncertainty.json", unc)
-        md = tables_markdown(rows, unc, proto, time.perf_counter() - t_all)
+        md = tables_markdown(rows, unc, proto, time.perf_counter() - t_all) + unit_times(work)
         atomic_write_text(res_dir / "capture.md", md)
 
     data_root = Path(a.data)
@@ -89,17 +93,18 @@ def main(argv: list[str] | None = None) -> int:
             return load(b, folder.name, split, size, masks=masks, limit=limit)
 
         test = ld(f"{tgt}_test")
-        for seed in proto.get("seeds", [0]):
-            ev = unit(
-                work / f"eval-{preset}-before-s{seed}.json",
-                lambda test=test: scored(cfg, params, test, samples),
-            )
-            rows.append(_row(proto, preset, "med-nca", 0, seed, ev))
-            u = unit(
-                work / f"unc-{preset}-before-s{seed}.json",
-                lambda test=test: scored(cfg, params, _head(test, unc_n), unc_samples),
-            )
-            unc.append(_unc_row(preset, "med-nca", 0, seed, u))
+        # the source model does not depend on the VWSL seed: scored once, under the first seed
+        ev = unit(
+            work / f"eval-{preset}-before-s{seeds[0]}.json",
+            lambda test=test: scored(cfg, params, test, samples),
+        )
+        rows.append(_row(proto, preset, "med-nca", 0, seeds[0], ev))
+        u = unit(
+            work / f"unc-{preset}-before-s{seeds[0]}.json",
+            lambda test=test: scored(cfg, params, _head(test, unc_n), unc_samples),
+        )
+        unc.append(_unc_row(preset, "med-nca", 0, seeds[0], u))
+        for seed in seeds:
             if preset == "none":
                 continue
             for n_ft in proto["n_finetune"]:
@@ -136,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
                     lambda test=test, after=after: after(samples, test),
                 )
                 rows.append(_row(proto, preset, "vwsl", n_ft, seed, ev))
-                if n_ft == max(proto["n_finetune"]):
+                if n_ft == max(proto["n_finetune"]) and seed == seeds[0]:
                     u = unit(
                         work / f"unc-{preset}-vwsl-n{n_ft}-s{seed}.json",
                         lambda test=test, after=after: after(unc_samples, _head(test, unc_n)),
                     )
                     unc.append(_unc_row(preset, "vwsl", n_ft, seed, u))
-                if seed == proto.get("seeds", [0])[0] and n_ft == max(proto["n_finetune"]):
+                if seed == seeds[0] and n_ft == max(proto["n_finetune"]):
                     dst = res_dir / "runs" / f"capture-vwsl-{src}-to-{tgt}-{preset}-n{n_ft}"
                     dst.mkdir(parents=True, exist_ok=True)
                     for f in ("config.json", "weights.npz", "run.json", "metrics.jsonl"):
@@ -152,6 +157,24 @@ def main(argv: list[str] | None = None) -> int:
     publish()
     print((res_dir / "capture.md").read_text())
     return 0
+
+
+def unit_times(work: Path) -> str:
+    """Sum of the measured unit wall times (each unit's JSON), per VWSL seed, as markdown."""
+    groups: dict[str, float] = {}
+    for f in sorted(work.glob("*.json")):
+        m = re.search(r"-s(\d+)\.json$", f.name)
+        if m is None:
+            continue
+        kind = "VWSL" if "vwsl" in f.name else "source model"
+        key = f"seed {m.group(1)}, {kind}"
+        groups[key] = groups.get(key, 0.0) + json.loads(f.read_text()).get("wall_s", 0.0)
+    lines = [f"- {k}: {v / 60:.1f} min" for k, v in sorted(groups.items())]
+    return (
+        "\nMeasured unit wall times (2 cores, shared with another experiment):\n\n"
+        + "\n".join(lines)
+        + f"\n- all units: {sum(groups.values()) / 60:.1f} min\n"
+    )
 
 
 def _head(data, n: int):
@@ -208,8 +231,9 @@ def tables_markdown(
         if not d:
             return "-"
         m = np.mean([r["dice_mean"] for r in d])
-        s = np.mean([r["dice_std"] for r in d])
-        return f"{m:.3f} ± {s:.3f}"
+        if len(d) == 1:
+            return f"{m:.3f} ± {d[0]['dice_std']:.3f} (images)"
+        return f"{m:.3f} ± {np.std([r['dice_mean'] for r in d]):.3f} (seeds={len(d)})"
 
     presets = ["none", *proto["presets"]]
     cols = [("med-nca", 0)] + [("vwsl", n) for n in proto["n_finetune"]]
@@ -229,9 +253,9 @@ def tables_markdown(
         )
     return (
         f"Trained on {proto['train_site']} (clean), tested on {proto['test_site']} test images "
-        f"captured with each preset (capture seed {proto.get('capture_seed', 0)}); Dice mean ± "
-        "std over test images, seeds "
-        f"{proto.get('seeds', [0])}.\n\n"
+        f"captured with each preset (capture seed {proto.get('capture_seed', 0)}); Dice: mean "
+        "over test images; ± std over test images for one run, over VWSL seeds "
+        f"{proto.get('seeds', [0])} otherwise.\n\n"
         + "\n".join(lines)
         + f"\n\nUncertainty on the first {proto.get('uncertainty_images', 8)} test images "
         f"({proto.get('uncertainty_samples', 10)} samples each):\n\n"
