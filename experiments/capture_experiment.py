@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cross_site import FINETUNE_SPLIT, load, unit  # noqa: E402
+from cross_site import FINETUNE_SPLIT, load, unit, write_figure  # noqa: E402
 
 from nca_jax import checkpoint as ckpt  # noqa: E402
 from nca_jax.capture import capture_folder  # noqa: E402
@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", default="results/splits")
     p.add_argument("--results", default="results")
     p.add_argument("--seeds", type=int, nargs="+", help="override the protocol's VWSL seeds")
+    p.add_argument(
+        "--figures",
+        action="store_true",
+        help="also draw std maps and overlays before/after VWSL on 4 captured test images per "
+        "preset (under the work folder: they show real X-rays)",
+    )
     a = p.parse_args(argv)
     proto = {
         k: v for k, v in json.loads(Path(a.protocol).read_text()).items() if not k.startswith("_")
@@ -68,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     unc: list[dict[str, Any]] = []
 
     def scored(run_cfg, prm, data, n_samples) -> dict[str, Any]:
-        s = evaluate(run_cfg, prm, data, samples=n_samples, seed=0)
+        chunk = max(1, 10 // n_samples)  # ~10 predictions per call: larger ones ran slower
+        s = evaluate(run_cfg, prm, data, samples=n_samples, seed=0, chunk=chunk)
         s.pop("cases")
         return s
 
@@ -155,6 +162,17 @@ def main(argv: list[str] | None = None) -> int:
                             shutil.copy(ft / f, dst / f)
             publish()
     publish()
+    if a.figures:
+        n_max = max(proto["n_finetune"])
+        for preset in proto["presets"]:
+            png = work / "figures" / f"capture_{preset}_{src}_to_{tgt}.png"
+            if png.exists():
+                continue
+            folder = work / f"captured-{tgt}-{preset}-s{cap_seed}"
+            b = argparse.Namespace(data=str(folder.parent), splits=a.splits)
+            test = load(b, folder.name, f"{tgt}_test", size)
+            after_run = work / f"vwsl-{preset}-n{n_max}-s{seeds[0]}"
+            write_figure(source_run, after_run, test, png)
     print((res_dir / "capture.md").read_text())
     return 0
 

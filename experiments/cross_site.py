@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         d = test[site]
         if n is not None:  # the first n test images (uncertainty: k samples each)
             d = Dataset(d.names[:n], d.images[:n], d.masks[:n], d.source)
-        s = evaluate(c, prm, d, samples=k, seed=0)
+        s = evaluate(c, prm, d, samples=k, seed=0, chunk=max(1, 10 // k))  # ~10 per call
         s.pop("cases")
         return s
 
