@@ -303,6 +303,14 @@ def tables_markdown(
         ]
         if not d:
             return "-"
+        if len(d) == 1:  # one seed: the spread shown is over the test images
+            r = next(
+                r
+                for r in rows
+                if (r["train_site"], r["test_site"], r["method"]) == (src, tgt, method)
+                and (g is None or r["gamma"] == g)
+            )
+            return f"{d[0]:.3f} ± {r['dice_std']:.3f} (images; 1 seed; HD95 {r['hd95_mean']:.1f})"
         return f"{np.mean(d):.3f} ± {np.std(d):.3f} (n_seeds={len(d)})"
 
     lines = ["| trained on | model | " + " | ".join(SITES) + " |", "|---|---|---|---|"]
