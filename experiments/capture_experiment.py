@@ -49,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="results")
     p.add_argument("--seeds", type=int, nargs="+", help="override the protocol's VWSL seeds")
     p.add_argument(
+        "--only-seeds",
+        type=int,
+        nargs="+",
+        help="run the VWSL units of these seeds only (e.g. in a second process); the tables "
+        "it writes then hold only them: re-run without it to write the full tables",
+    )
+    p.add_argument(
+        "--publish-only",
+        action="store_true",
+        help="run no new VWSL unit: write the tables from the units that have finished",
+    )
+    p.add_argument(
         "--figures",
         action="store_true",
         help="also draw std maps and overlays before/after VWSL on 4 captured test images per "
@@ -112,10 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         unc.append(_unc_row(preset, "med-nca", 0, seeds[0], u))
         for seed in seeds:
-            if preset == "none":
+            if preset == "none" or (a.only_seeds and seed not in a.only_seeds):
                 continue
             for n_ft in proto["n_finetune"]:
                 ft = work / f"vwsl-{preset}-n{n_ft}-s{seed}"
+                if (
+                    a.publish_only
+                    and not (work / f"eval-{preset}-vwsl-n{n_ft}-s{seed}.json").exists()
+                ):
+                    continue  # not finished: left out of the tables
 
                 def do_ft(n_ft=n_ft, ft=ft, seed=seed, ld=ld) -> dict[str, Any]:
                     fc = dataclasses.replace(
@@ -148,9 +165,14 @@ def main(argv: list[str] | None = None) -> int:
                     lambda test=test, after=after: after(samples, test),
                 )
                 rows.append(_row(proto, preset, "vwsl", n_ft, seed, ev))
-                if n_ft == max(proto["n_finetune"]) and seed == seeds[0]:
+                unc_path = work / f"unc-{preset}-vwsl-n{n_ft}-s{seed}.json"
+                if (
+                    n_ft == max(proto["n_finetune"])
+                    and seed == seeds[0]
+                    and not (a.publish_only and not unc_path.exists())
+                ):
                     u = unit(
-                        work / f"unc-{preset}-vwsl-n{n_ft}-s{seed}.json",
+                        unc_path,
                         lambda test=test, after=after: after(unc_samples, _head(test, unc_n)),
                     )
                     unc.append(_unc_row(preset, "vwsl", n_ft, seed, u))
