@@ -10,6 +10,25 @@ from nca_jax.phantoms import write_phantom_folder
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _command(script: str, tmp_path: Path, data: Path, splits: Path) -> list[str]:
+    """The experiment's command line with its protocol, work, data, splits and results under
+    tmp_path."""
+    return [
+        sys.executable,
+        str(ROOT / "experiments" / script),
+        "--protocol",
+        str(tmp_path / "p.json"),
+        "--work",
+        str(tmp_path / "work"),
+        "--data",
+        str(data),
+        "--splits",
+        str(splits),
+        "--results",
+        str(tmp_path / "results"),
+    ]
+
+
 @pytest.mark.slow
 def test_cross_site_runs_and_resumes_on_phantom_sites(tmp_path):
     data, splits = tmp_path / "data", tmp_path / "splits"
@@ -34,20 +53,7 @@ def test_cross_site_runs_and_resumes_on_phantom_sites(tmp_path):
         "uncertainty_samples": 2,
     }
     (tmp_path / "p.json").write_text(json.dumps(proto))
-    cmd = [
-        sys.executable,
-        str(ROOT / "experiments" / "cross_site.py"),
-        "--protocol",
-        str(tmp_path / "p.json"),
-        "--work",
-        str(tmp_path / "work"),
-        "--data",
-        str(data),
-        "--splits",
-        str(splits),
-        "--results",
-        str(tmp_path / "results"),
-    ]
+    cmd = _command("cross_site.py", tmp_path, data, splits)
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "results" / "cross_site.json").read_text())
@@ -96,20 +102,7 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
         "uncertainty_samples": 2,
     }
     (tmp_path / "p.json").write_text(json.dumps(proto))
-    cmd = [
-        sys.executable,
-        str(ROOT / "experiments" / "capture_experiment.py"),
-        "--protocol",
-        str(tmp_path / "p.json"),
-        "--work",
-        str(tmp_path / "work"),
-        "--data",
-        str(data),
-        "--splits",
-        str(splits),
-        "--results",
-        str(tmp_path / "results"),
-    ]
+    cmd = _command("capture_experiment.py", tmp_path, data, splits)
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "results" / "capture.json").read_text())
