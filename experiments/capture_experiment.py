@@ -29,7 +29,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cross_site import FINETUNE_SPLIT, load, unit, write_figure  # noqa: E402
+from cross_site import (  # noqa: E402
+    FINETUNE_SPLIT,
+    head,
+    load,
+    sum_unit_times,
+    unit,
+    write_figure,
+)
 
 from nca_jax import checkpoint as ckpt  # noqa: E402
 from nca_jax.capture import capture_folder  # noqa: E402
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(_row(proto, preset, "med-nca", 0, seeds[0], ev))
         u = unit(
             work / f"unc-{preset}-before-s{seeds[0]}.json",
-            lambda test=test: scored(cfg, params, _head(test, unc_n), unc_samples),
+            lambda test=test: scored(cfg, params, head(test, unc_n), unc_samples),
         )
         unc.append(_unc_row(preset, "med-nca", 0, seeds[0], u))
         for seed in seeds:
@@ -173,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 ):
                     u = unit(
                         unc_path,
-                        lambda test=test, after=after: after(unc_samples, _head(test, unc_n)),
+                        lambda test=test, after=after: after(unc_samples, head(test, unc_n)),
                     )
                     unc.append(_unc_row(preset, "vwsl", n_ft, seed, u))
                 if seed == seeds[0] and n_ft == max(proto["n_finetune"]):
@@ -200,29 +207,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def unit_times(work: Path) -> str:
-    """Sum of the measured unit wall times (each unit's JSON), per VWSL seed, as markdown."""
-    groups: dict[str, float] = {}
-    for f in sorted(work.glob("*.json")):
-        m = re.search(r"-s(\d+)\.json$", f.name)
+    """Unit wall times per VWSL seed: scoring the source model, and the VWSL units."""
+
+    def group_of(name: str) -> str | None:
+        m = re.search(r"-s(\d+)\.json$", name)
         if m is None:
-            continue
-        kind = "VWSL" if "vwsl" in f.name else "source model"
-        key = f"seed {m.group(1)}, {kind}"
-        groups[key] = groups.get(key, 0.0) + json.loads(f.read_text()).get("wall_s", 0.0)
-    lines = [f"- {k}: {v / 60:.1f} min" for k, v in sorted(groups.items())]
-    return (
-        "\nMeasured unit wall times (2 cores, shared with another experiment):\n\n"
-        + "\n".join(lines)
-        + f"\n- all units: {sum(groups.values()) / 60:.1f} min\n"
-    )
+            return None
+        return f"seed {m.group(1)}, {'VWSL' if 'vwsl' in name else 'source model'}"
 
-
-def _head(data, n: int):
-    from nca_jax.data import Dataset
-
-    n = min(n, len(data))
-    m = None if data.masks is None else data.masks[:n]
-    return Dataset(data.names[:n], data.images[:n], m, data.source)
+    return sum_unit_times(work, group_of, "2 cores, shared with another experiment")
 
 
 def _row(

@@ -49,14 +49,15 @@ def load(
     d = load_split(
         Path(args.data) / site, Path(args.splits) / f"{split}.txt", size=size, require_masks=masks
     )
-    if limit is not None and limit < len(d):
-        d = Dataset(
-            d.names[:limit],
-            d.images[:limit],
-            None if d.masks is None else d.masks[:limit],
-            d.source,
-        )
-    return d
+    return d if limit is None else head(d, limit)
+
+
+def head(d: Dataset, n: int) -> Dataset:
+    """The first n cases of d (all of them when it has fewer)."""
+    if n >= len(d):
+        return d
+    masks = None if d.masks is None else d.masks[:n]
+    return Dataset(d.names[:n], d.images[:n], masks, d.source)
 
 
 def unit(path: Path, fn: Any) -> dict[str, Any]:
@@ -95,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_eval(run: Path, site: str, n: int | None = None, k: int = samples) -> dict[str, Any]:
         c, prm = ckpt.load_run(run)
-        d = test[site]
-        if n is not None:  # the first n test images (uncertainty: k samples each)
-            d = Dataset(d.names[:n], d.images[:n], d.masks[:n], d.source)
+        d = test[site] if n is None else head(test[site], n)  # uncertainty: the first n
         s = evaluate(c, prm, d, samples=k, seed=0, chunk=max(1, 10 // k))  # ~10 per call
         s.pop("cases")
         return s
@@ -209,27 +208,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def unit_times(work: Path, gamma: float) -> str:
-    """Sum of the measured unit wall times (each unit's JSON) per seed: Table 1 units, the gamma
-    sweep's extra units, and the uncertainty units, as a markdown list."""
+def sum_unit_times(work: Path, group_of: Any, note: str) -> str:
+    """Sums the measured wall times of the unit JSONs in `work` by group_of(file name) (None:
+    not counted) -> a markdown list with a total; `note` says how the cores were shared."""
     groups: dict[str, float] = {}
     for f in sorted(work.glob("*.json")):
-        m = re.search(r"-s(\d+)(?:-|\.json)", f.name)
+        key = group_of(f.name)
+        if key is not None:
+            groups[key] = groups.get(key, 0.0) + json.loads(f.read_text()).get("wall_s", 0.0)
+    lines = [f"- {k}: {v / 60:.1f} min" for k, v in sorted(groups.items())]
+    return (
+        f"\nMeasured unit wall times ({note}):\n\n"
+        + "\n".join(lines)
+        + f"\n- all units: {sum(groups.values()) / 60:.1f} min\n"
+    )
+
+
+def unit_times(work: Path, gamma: float) -> str:
+    """Unit wall times per seed: Table 1 units, the gamma sweep's extra units, and the
+    uncertainty units."""
+
+    def group_of(name: str) -> str | None:
+        m = re.search(r"-s(\d+)(?:-|\.json)", name)
         if m is None:
-            continue
-        g = re.search(r"-g([^-]+)\.json$", f.name)
-        part = "uncertainty" if f.name.startswith("unc-") else "Table 1"
+            return None
+        g = re.search(r"-g([^-]+)\.json$", name)
+        part = "uncertainty" if name.startswith("unc-") else "Table 1"
         if g is not None and float(g.group(1)) != gamma:
             part = "gamma sweep"
-        key = f"seed {m.group(1)}, {part}"
-        groups[key] = groups.get(key, 0.0) + json.loads(f.read_text()).get("wall_s", 0.0)
-    lines = [f"- {k}: {v / 60:.1f} min" for k, v in sorted(groups.items())]
-    total = sum(groups.values()) / 60
-    return (
-        "\nMeasured unit wall times (2 cores; other jobs shared the cores for some units):\n\n"
-        + "\n".join(lines)
-        + f"\n- all units: {total:.1f} min\n"
-    )
+        return f"seed {m.group(1)}, {part}"
+
+    return sum_unit_times(work, group_of, "2 cores; other jobs shared the cores for some units")
 
 
 def write_figure(before: Path, after: Path, data: Dataset, png: Path, n: int = 4) -> None:
