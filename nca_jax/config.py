@@ -47,6 +47,14 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     lr_decay: float = 0.9999  # exponential decay of the learning rate per step
+    # Time-to-quality options (the defaults are the paper's: constant-rate exponential decay,
+    # no warm-up, 50 NCA steps from the start). They change how the model is trained, not the
+    # model: inference always runs model.steps.
+    schedule: str = "exponential"  # or "cosine": lr -> 0 along a half cosine over decay_steps
+    decay_steps: int = 0  # cosine only: steps of the decay (after the warm-up)
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps
+    curriculum_epochs: int = 0  # the first curriculum_epochs epochs run ...
+    curriculum_steps: int = 0  # ... this many NCA steps per level (cheaper steps early)
     loss: str = "dice_bce"  # "dice_bce" or "dice_focal"
     focal_gamma: float = 2.0
     skip_empty_patches: bool = True  # authors: a batch whose patch labels are all empty is skipped
@@ -66,6 +74,16 @@ class TrainConfig:
             raise ConfigError(f"train.loss must be 'dice_bce' or 'dice_focal', got {self.loss!r}")
         if self.checkpoint_every < 1 or self.eval_every < 1 or self.eval_samples < 1:
             raise ConfigError("train.checkpoint_every, eval_every, eval_samples must be >= 1")
+        if self.schedule not in ("exponential", "cosine"):
+            raise ConfigError(
+                f"train.schedule must be 'exponential' or 'cosine', got {self.schedule!r}"
+            )
+        if self.schedule == "cosine" and self.decay_steps < 1:
+            raise ConfigError("train.schedule 'cosine' needs train.decay_steps >= 1")
+        if min(self.warmup_steps, self.curriculum_epochs, self.curriculum_steps) < 0:
+            raise ConfigError("train.warmup_steps and curriculum fields must be >= 0")
+        if (self.curriculum_epochs > 0) != (self.curriculum_steps > 0):
+            raise ConfigError("train.curriculum_epochs and curriculum_steps go together")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ resumed run draws exactly what the uninterrupted run would.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -124,23 +125,45 @@ def make_train_step(
     return make_update_step(make_optimizer(tc), loss_fn)
 
 
+def default_parallel() -> int:
+    """Predictions computed side by side by default: 1 on CPU, where one after another in a
+    lax.map is fastest (2 cores, 10 samples of 256 px: 0.75 s per prediction vs 1.23 s as one
+    vmap), and all of them on GPU/TPU."""
+    return 1 if jax.default_backend() == "cpu" else ALL
+
+
+ALL = 1 << 30
+
+
 def make_predict(
-    mc: ModelConfig, samples: int
+    mc: ModelConfig, samples: int, parallel: int | None = None
 ) -> Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array]:
     """Returns jit(f)(params, images (N,H,W), key, index (N,)) -> probabilities (samples, N, H, W).
 
     Each image is predicted alone (batch of one, its own batch-norm statistics) with keys
-    fold_in(fold_in(key, index[i]), j) for sample j, so results do not depend on chunking."""
+    fold_in(fold_in(key, index[i]), j) for sample j, so results do not depend on chunking.
+    parallel: how many predictions run side by side (vmap); the rest follow one group after
+    another (lax.map with batch_size). Same keys, same values; None = default_parallel()."""
+    par = default_parallel() if parallel is None else parallel
+    if par < 1:
+        raise ValueError(f"parallel must be >= 1, got {par}")
 
     def one(params: Params, image: jax.Array, key: jax.Array) -> jax.Array:
         def sample(k: jax.Array) -> jax.Array:
             return jax.nn.sigmoid(predict_logits(params, image[None], cfg=mc, key=k))[0]
 
-        return jax.vmap(sample)(sample_keys(key, samples))
+        keys = sample_keys(key, samples)
+        if par >= samples:
+            return jax.vmap(sample)(keys)
+        return jax.lax.map(sample, keys, batch_size=par)
 
     def f(params: Params, images: jax.Array, key: jax.Array, index: jax.Array) -> jax.Array:
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-        return jnp.swapaxes(jax.vmap(one, in_axes=(None, 0, 0))(params, images, keys), 0, 1)
+        per_image = max(1, par // samples)
+        probs = jax.lax.map(
+            lambda ik: one(params, ik[0], ik[1]), (images, keys), batch_size=per_image
+        )
+        return jnp.swapaxes(probs, 0, 1)
 
     return jax.jit(f)
 
@@ -191,28 +214,43 @@ def train_and_evaluate(
     resume: bool = False,
     progress: bool = True,
     stop_after_epochs: int | None = None,
+    stop_at_val_dice: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Trains Med-NCA on `train` (images and masks), writes the run folder `out`.
 
     Saves an orbax checkpoint every cfg.train.checkpoint_every epochs and at the end;
     with `val`, the weights with the best validation Dice become weights.npz, else the last.
-    `stop_after_epochs` ends the call early (as an interruption would), for tests.
+    `stop_after_epochs` ends the call early (as an interruption would), for tests;
+    `stop_at_val_dice` ends it (checkpoint saved, resumable) once the validation Dice reaches it.
+    With train.curriculum_epochs, those first epochs roll out train.curriculum_steps NCA steps.
     Returns the run summary also written to run.json."""
     cfg.validate()
     if train.masks is None:
         raise TrainingError(f"{train.source}: training needs masks")
+    full = make_train_step(cfg)
+    step_at = None
+    if cfg.train.curriculum_epochs > 0:
+        short = dataclasses.replace(cfg.model, steps=cfg.train.curriculum_steps)
+        early = make_train_step(dataclasses.replace(cfg, model=short))
+        n_early = cfg.train.curriculum_epochs
+
+        def step_at(epoch: int) -> Callable:
+            return early if epoch < n_early else full
+
     return fit(
         cfg,
         cfg.train,
         init_state(cfg),
-        make_train_step(cfg),
+        full,
         {"images": train.images, "masks": train.masks},
         out,
         val=val,
         resume=resume,
         progress=progress,
         stop_after_epochs=stop_after_epochs,
+        stop_at_val_dice=stop_at_val_dice,
+        step_fn_at=step_at,
         schedule=make_optimizer_schedule(cfg.train),
         log=log,
         summary_extra={"train_source": train.source},
@@ -233,6 +271,8 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     stop_after_epochs: int | None = None,
+    stop_at_val_dice: float | None = None,
+    step_fn_at: Callable[[int], Callable] | None = None,
     schedule: optax.Schedule | None = None,
     log: Callable[[str], None] = print,
     summary_extra: dict[str, Any] | None = None,
@@ -243,7 +283,8 @@ def fit(
     eval_samples, keep_checkpoints. fixed / carried: per-example arrays (N, ...) that are
     batched together; `carried` ones (e.g. VWSL targets) are checkpointed with the state and
     may be replaced by `refresh(epoch, params)` at the start of an epoch (None = keep).
-    step_fn(state, batch dict, step_key) -> (state, info with loss, finite, skipped)."""
+    step_fn(state, batch dict, step_key) -> (state, info with loss, finite, skipped);
+    step_fn_at(epoch), when given, picks the step function of each epoch (a curriculum)."""
     out = Path(out)
     carried = dict(carried or {})
     n = len(next(iter(fixed.values())))
@@ -296,10 +337,11 @@ def fit(
         arrays = {**fixed, **carried}
         order = epoch_order(data_key, epoch, n)
         losses, skipped, t0 = [], 0, time.perf_counter()
+        epoch_step = step_fn if step_fn_at is None else step_fn_at(epoch)
         for b in range(per_epoch):
             idx = order[b * batch : (b + 1) * batch]
             sharded = shard_batch({k: v[idx] for k, v in arrays.items()}, mesh)
-            state, info = step_fn(state, sharded, step_key)
+            state, info = epoch_step(state, sharded, step_key)
             loss = float(info["loss"])
             if not bool(info["finite"]):
                 bar.close()
@@ -325,17 +367,23 @@ def fit(
             row["lr"] = float(schedule(int(state.step)))
         last = epoch + 1 == end_epoch
         if val is not None and ((epoch + 1) % loop.eval_every == 0 or epoch + 1 == loop.epochs):
+            t_eval = time.perf_counter()
             probs = predict_dataset(predict, state.params, val.images, eval_key)
             row["val_dice"] = validation_dice(probs, val.masks)
+            row["eval_s"] = time.perf_counter() - t_eval
             if row["val_dice"] > best["val_dice"]:
                 best = {"val_dice": row["val_dice"], "epoch": epoch}
                 ckpt.save_weights(state.params, out / "weights_best.npz")
+            if stop_at_val_dice is not None and row["val_dice"] >= stop_at_val_dice:
+                end_epoch, last = epoch + 1, True  # reached: stop here, resumable
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if (epoch + 1) % loop.checkpoint_every == 0 or last:
             tree = {"state": state, "best": _best_arrays(best), "carried": carried}
             ckpt.save_checkpoint(mngr, int(state.step), tree)
             last_good = int(state.step)
+        if last:
+            break
     bar.close()
     wall = time.perf_counter() - t_start
     finished = end_epoch == loop.epochs
@@ -367,7 +415,17 @@ def fit(
 
 
 def make_optimizer_schedule(tc: TrainConfig | FinetuneConfig) -> optax.Schedule:
-    return optax.exponential_decay(tc.lr, transition_steps=1, decay_rate=tc.lr_decay)
+    """Learning rate per optimizer step: a linear warm-up (train.warmup_steps), then the
+    paper's exponential decay by lr_decay per step, or a cosine decay to 0 over decay_steps."""
+    if isinstance(tc, TrainConfig) and tc.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(tc.lr, tc.decay_steps)
+    else:
+        decay = optax.exponential_decay(tc.lr, transition_steps=1, decay_rate=tc.lr_decay)
+    warm = tc.warmup_steps if isinstance(tc, TrainConfig) else 0
+    if warm <= 0:
+        return decay
+    ramp = optax.linear_schedule(0.0, tc.lr, warm)
+    return optax.join_schedules([ramp, decay], [warm])
 
 
 def _best_like() -> dict[str, jax.Array]:

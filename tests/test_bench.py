@@ -27,6 +27,7 @@ def test_bench_smoke(tmp_path):
         "predict_s",
         "variance10_vmap_s",
         "variance10_loop_s",
+        "variance10_s",
     ):
         assert d[k] > 0, k
     mc = ModelConfig(steps=2, patch=8)

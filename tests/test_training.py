@@ -102,3 +102,95 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, phan
         train_and_evaluate(tiny_cfg, bad, tmp_path / "r", resume=True, progress=False)
     assert good == 2
     assert ckpt.checkpoint_manager(tmp_path / "r" / "checkpoints", 2).latest_step() == good
+
+
+@pytest.mark.parametrize("parallel", [1, 3, 8, None])
+def test_predict_parallel_or_sequential_gives_the_same_probabilities(tiny_cfg, parallel):
+    """lax.map (one prediction after another, CPU default) equals the vmap over all of them:
+    same keys per image and sample, so the same values."""
+    from conftest import randomised_params
+
+    from nca_jax.training import ALL, make_predict, predict_dataset
+
+    params = randomised_params(tiny_cfg.model)
+    images = make_phantom_dataset(3, seed=4, size=32).images
+    key = jax.random.key(3)
+    ref = predict_dataset(make_predict(tiny_cfg.model, 4, ALL), params, images, key, chunk=3)
+    got = predict_dataset(make_predict(tiny_cfg.model, 4, parallel), params, images, key, chunk=2)
+    assert got.shape == ref.shape == (4, 3, 32, 32)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert np.abs(ref[0] - ref[1]).max() > 1e-3  # the samples differ
+
+
+def test_predict_parallel_must_be_positive(tiny_cfg):
+    from nca_jax.training import make_predict
+
+    with pytest.raises(ValueError, match="parallel must be >= 1"):
+        make_predict(tiny_cfg.model, 4, 0)
+
+
+def _train(cfg, **fields):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **fields)).validate()
+
+
+def test_schedules_warm_up_then_decay_exactly():
+    from nca_jax.config import TrainConfig
+    from nca_jax.training import make_optimizer_schedule
+
+    paper = make_optimizer_schedule(TrainConfig(lr=1e-3, lr_decay=0.5))
+    assert [float(paper(i)) for i in range(3)] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    warm = make_optimizer_schedule(TrainConfig(lr=1e-3, lr_decay=0.5, warmup_steps=4))
+    got = [float(warm(i)) for i in range(7)]
+    assert got == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 5e-4, 2.5e-4])
+    cos = make_optimizer_schedule(
+        TrainConfig(lr=1e-3, schedule="cosine", decay_steps=10, warmup_steps=2)
+    )
+    assert float(cos(2)) == pytest.approx(1e-3)
+    assert float(cos(7)) == pytest.approx(5e-4)  # half way down the cosine
+    assert float(cos(12)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_curriculum_epochs_train_with_fewer_nca_steps(tiny_cfg, phantoms, tmp_path):
+    """One curriculum epoch at 2 NCA steps equals one epoch of a 2-step model; then the full
+    number of steps takes over (the model and the inference stay the same)."""
+    cur = _train(tiny_cfg, epochs=1, curriculum_epochs=1, curriculum_steps=2)
+    short = dataclasses.replace(
+        _train(tiny_cfg, epochs=1), model=dataclasses.replace(tiny_cfg.model, steps=2)
+    )
+    train_and_evaluate(cur, phantoms, tmp_path / "cur", progress=False)
+    train_and_evaluate(short, phantoms, tmp_path / "short", progress=False)
+    full = _train(tiny_cfg, epochs=1)
+    train_and_evaluate(full, phantoms, tmp_path / "full", progress=False)
+    a, b = np.load(tmp_path / "cur" / "weights.npz"), np.load(tmp_path / "short" / "weights.npz")
+    c = np.load(tmp_path / "full" / "weights.npz")
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert any(not np.array_equal(a[k], c[k]) for k in a.files)
+
+
+def test_stop_at_val_dice_ends_early_and_resumes(tiny_cfg, phantoms, tmp_path):
+    cfg = _train(tiny_cfg, epochs=3)
+    s = train_and_evaluate(
+        cfg, phantoms, tmp_path / "r", val=phantoms, progress=False, stop_at_val_dice=0.0
+    )
+    assert not s["finished"] and s["epochs_done"] == 1
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["eval_s"] > 0
+    s = train_and_evaluate(cfg, phantoms, tmp_path / "r", val=phantoms, resume=True, progress=False)
+    assert s["finished"] and s["steps"] == 3 * 2
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"schedule": "step"}, "schedule must be"),
+        ({"schedule": "cosine"}, "needs train.decay_steps"),
+        ({"warmup_steps": -1}, "must be >= 0"),
+        ({"curriculum_epochs": 2}, "go together"),
+    ],
+)
+def test_bad_time_to_quality_options_are_refused(tiny_cfg, fields, message):
+    from nca_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _train(tiny_cfg, **fields)
