@@ -127,3 +127,52 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
     r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r2.returncode == 0
     assert json.loads((tmp_path / "results" / "capture.json").read_text()) == rows
+
+
+def test_time_to_dice_curves_and_cpu_projection(tmp_path):
+    """Two tiny variants (one with a curriculum) on a phantom 'shenzhen'; the CPU projection is
+    steps x the bench's seconds per step of each epoch's (batch, NCA steps)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import time_to_dice
+
+    data, splits = tmp_path / "data", tmp_path / "splits"
+    splits.mkdir()
+    write_phantom_folder(data / "shenzhen", n=6, seed=3, size=32)
+    names = sorted(p.stem for p in (data / "shenzhen" / "images").iterdir())
+    (splits / "shenzhen_train.txt").write_text("\n".join(names[:4]) + "\n")
+    (splits / "shenzhen_val.txt").write_text("\n".join(names[4:]) + "\n")
+    tiny = {"channels": 8, "hidden": 16, "steps": 4, "patch": 8}
+    train = {"batch_size": 2, "image_size": 32, "epochs": 3, "eval_every": 1, "lr": 5e-3}
+    proto = {
+        "targets": [0.0, 1.01],
+        "variants": {
+            "plain": {"model": tiny, "train": train},
+            "curr": {
+                "model": tiny,
+                "train": {**train, "curriculum_epochs": 1, "curriculum_steps": 2},
+            },
+        },
+    }
+    (tmp_path / "p.json").write_text(json.dumps(proto))
+    bench = []
+    for steps, per in ((4, 2.0), (2, 1.0)):
+        bench.append(tmp_path / f"b{steps}.json")
+        bench[-1].write_text(
+            json.dumps({"steps": steps, "per_batch": {"2": {"train_step_s": per}}})
+        )
+    args = _command("time_to_dice.py", tmp_path, data, splits)[2:]
+    assert time_to_dice.main([*args, "--cpu-bench", *map(str, bench)]) == 0
+    rows = {
+        r["variant"]: r
+        for r in json.loads((tmp_path / "results" / "time_to_dice.json").read_text())
+    }
+    assert [q["step"] for q in rows["plain"]["curve"]] == [2, 4, 6]
+    assert [q["cpu_train_s"] for q in rows["plain"]["curve"]] == [4.0, 8.0, 12.0]
+    assert [q["cpu_train_s"] for q in rows["curr"]["curve"]] == [2.0, 6.0, 10.0]
+    assert rows["plain"]["reach_0"]["step"] == 2 and rows["plain"]["reach_1.01"] is None
+    assert "not reached" in (tmp_path / "results" / "time_to_dice.md").read_text()
+    assert (tmp_path / "results" / "figures" / "time_to_dice.png").stat().st_size > 0
+    # finished runs are not trained again; a missing bench entry gives no projection
+    assert time_to_dice.main([*args, "--publish-only"]) == 0
+    rows = json.loads((tmp_path / "results" / "time_to_dice.json").read_text())
+    assert all(q["cpu_train_s"] is None for r in rows for q in r["curve"])

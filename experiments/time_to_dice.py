@@ -1,0 +1,249 @@
+"""Time to quality: validation Dice on Shenzhen against training time, per training variant.
+
+Each variant of the protocol (the paper's settings, then options that keep the model the same:
+batch size, warm-up + cosine learning rate, a curriculum of fewer NCA steps early) trains on the
+50 Shenzhen training images and is validated on the 50 Shenzhen validation images every few
+epochs, until it reaches the protocol's stop Dice or its epoch cap. The curve is kept in optimizer
+steps, so a run on any device also gives the time on this CPU: steps x the CPU seconds per step
+of its batch size and NCA step count, measured by bench.py (`--cpu-bench`, one JSON per step
+count). Times count training only; validation (about 45 s per pass of 50 images on 2 cores) is
+reported apart.
+
+Usage:
+    python experiments/time_to_dice.py --protocol configs/time_to_dice.json
+        [--variants NAME ...] [--work runs/time_to_dice] [--deadline-min M]
+    python experiments/time_to_dice.py --protocol ... --publish-only
+        --cpu-bench results/bench/cpu-2core-after.json results/bench/cpu-2core-steps25.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cross_site import use_compile_cache  # noqa: E402
+
+from nca_jax import checkpoint as ckpt  # noqa: E402
+from nca_jax.config import RunConfig, atomic_write_text, config_from_dict  # noqa: E402
+from nca_jax.data import load_split  # noqa: E402
+from nca_jax.training import train_and_evaluate  # noqa: E402
+
+
+def variant_config(spec: dict[str, Any], where: str) -> RunConfig:
+    """The variant's config: the file `spec['config']` (default: the paper's) with the
+    sections `model` / `train` of the spec laid over it."""
+    base: dict[str, Any] = {}
+    if "config" in spec:
+        base = json.loads(Path(spec["config"]).read_text())
+    for section in ("model", "train"):
+        base[section] = {**base.get(section, {}), **spec.get(section, {})}
+    return config_from_dict(base, where=where)
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def cpu_step_table(paths: list[str]) -> dict[tuple[int, int], float]:
+    """(batch, NCA steps per level) -> CPU seconds per training step, from bench.py JSONs."""
+    table: dict[tuple[int, int], float] = {}
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        for b, r in d["per_batch"].items():
+            table[(int(b), int(d["steps"]))] = float(r["train_step_s"])
+    return table
+
+
+def curve(cfg: RunConfig, rows: list[dict[str, Any]], cpu: dict[tuple[int, int], float]):
+    """Per validated epoch: step, val Dice, measured train seconds (cumulative, this device) and
+    the projected CPU train seconds (None where the bench lacks the batch / step count)."""
+    tc, out = cfg.train, []
+    t_dev = t_cpu = 0.0
+    missing = False
+    prev_step = 0
+    for r in rows:
+        steps_here = r["step"] - prev_step
+        prev_step = r["step"]
+        nca = tc.curriculum_steps if r["epoch"] < tc.curriculum_epochs else cfg.model.steps
+        per = cpu.get((tc.batch_size, nca))
+        missing |= per is None
+        t_dev += r["epoch_s"]
+        t_cpu += 0.0 if per is None else steps_here * per
+        if "val_dice" in r:
+            out.append(
+                {
+                    "epoch": r["epoch"],
+                    "step": r["step"],
+                    "val_dice": r["val_dice"],
+                    "train_s": t_dev,
+                    "cpu_train_s": None if missing else t_cpu,
+                }
+            )
+    return out
+
+
+def first_reach(points: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    return next((p for p in points if p["val_dice"] >= target), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--protocol", required=True)
+    p.add_argument("--variants", nargs="+", help="run only these (default: all, in order)")
+    p.add_argument("--work", default="runs/time_to_dice")
+    p.add_argument("--data", default="../shared/data/cxr")
+    p.add_argument("--splits", default="results/splits")
+    p.add_argument("--results", default="results")
+    p.add_argument("--cpu-bench", nargs="*", default=[], help="bench.py JSONs of this CPU")
+    p.add_argument("--deadline-min", type=float, help="start no variant after this many minutes")
+    p.add_argument("--publish-only", action="store_true", help="tables from finished runs only")
+    p.add_argument("--compile-cache", help="as in cross_site.py ('none' turns it off)")
+    a = p.parse_args(argv)
+    proto = json.loads(Path(a.protocol).read_text())
+    work, t0 = Path(a.work), time.perf_counter()
+    names = a.variants or list(proto["variants"])
+    unknown = set(names) - set(proto["variants"])
+    if unknown:
+        raise SystemExit(f"{a.protocol}: no variant(s) {sorted(unknown)}")
+    cfgs = {n: variant_config(proto["variants"][n], f"{a.protocol} [{n}]") for n in names}
+    if not a.publish_only:
+        use_compile_cache(a.compile_cache, work)
+        site = Path(a.data) / "shenzhen"
+        size = next(iter(cfgs.values())).train.image_size
+        train = load_split(site, Path(a.splits) / "shenzhen_train.txt", size=size)
+        val = load_split(site, Path(a.splits) / "shenzhen_val.txt", size=size)
+        for n in names:
+            if a.deadline_min is not None and time.perf_counter() - t0 > 60 * a.deadline_min:
+                print(f"deadline: {n} not started", flush=True)
+                continue
+            run = work / n
+            if (run / "run.json").exists():  # finished, or stopped at the stop Dice
+                continue
+            print(f"variant {n}", flush=True)
+            summary = train_and_evaluate(
+                cfgs[n],
+                train,
+                run,
+                val=val,
+                resume=(run / "config.json").exists(),
+                progress=False,
+                stop_at_val_dice=proto.get("stop_at"),
+            )
+            ckpt.write_json(run / "run.json", summary)
+    publish(a, proto, names, cfgs, work)
+    return 0
+
+
+def publish(
+    a: argparse.Namespace,
+    proto: dict[str, Any],
+    names: list[str],
+    cfgs: dict[str, RunConfig],
+    work: Path,
+) -> None:
+    cpu = cpu_step_table(a.cpu_bench)
+    targets = proto.get("targets", [0.85, 0.9])
+    rows = []
+    for n in names:
+        points = curve(cfgs[n], read_metrics(work / n), cpu)
+        if not points:
+            continue
+        tc = cfgs[n].train
+        row = {
+            "variant": n,
+            "about": proto["variants"][n].get("about", ""),
+            "batch_size": tc.batch_size,
+            "lr": tc.lr,
+            "schedule": tc.schedule,
+            "warmup_steps": tc.warmup_steps,
+            "decay_steps": tc.decay_steps,
+            "curriculum": [tc.curriculum_epochs, tc.curriculum_steps],
+            "best_val_dice": max(q["val_dice"] for q in points),
+            "steps_run": points[-1]["step"],
+            "curve": points,
+        }
+        for t in targets:
+            hit = first_reach(points, t)
+            row[f"reach_{t:g}"] = hit
+        rows.append(row)
+    res = Path(a.results)
+    res.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(res / "time_to_dice.json", rows)
+    atomic_write_text(res / "time_to_dice.md", markdown(rows, targets, proto))
+    if rows:
+        figure(rows, res / "figures" / "time_to_dice.png", targets)
+    print((res / "time_to_dice.md").read_text())
+
+
+def _fmt_reach(hit: dict[str, Any] | None) -> str:
+    if hit is None:
+        return "not reached"
+    cpu = "" if hit["cpu_train_s"] is None else f"{hit['cpu_train_s'] / 60:.0f} min CPU, "
+    return f"{cpu}step {hit['step']} ({hit['train_s']:.0f} s measured)"
+
+
+def markdown(rows: list[dict[str, Any]], targets: list[float], proto: dict[str, Any]) -> str:
+    head = " | ".join(f"first val Dice >= {t:g}" for t in targets)
+    lines = [
+        "Time to validation Dice on Shenzhen (50 training, 50 validation images; training time "
+        "only, validation passes excluded)",
+        "",
+        f"| variant | batch | lr schedule | best val Dice (steps run) | {head} |",
+        "|---|---|---|---|" + "---|" * len(targets),
+    ]
+    for r in rows:
+        sched = f"{r['lr']:g} {r['schedule']}"
+        if r["warmup_steps"]:
+            sched += f", warm-up {r['warmup_steps']}"
+        if r["decay_steps"]:
+            sched += f", decay over {r['decay_steps']}"
+        if r["curriculum"][0]:
+            sched += f"; {r['curriculum'][1]} NCA steps for {r['curriculum'][0]} epochs"
+        reach = " | ".join(_fmt_reach(r[f"reach_{t:g}"]) for t in targets)
+        lines.append(
+            f"| {r['variant']} | {r['batch_size']} | {sched} | {r['best_val_dice']:.3f} "
+            f"({r['steps_run']}) | {reach} |"
+        )
+    lines += ["", proto.get("_comment", ""), ""]
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict[str, Any]], png: Path, targets: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    cpu = all(q["cpu_train_s"] is not None for r in rows for q in r["curve"])
+    key, scale = ("cpu_train_s", 60) if cpu else ("train_s", 1)
+    for r in rows:
+        xs = [q[key] / scale for q in r["curve"]]
+        ax.plot(xs, [q["val_dice"] for q in r["curve"]], label=r["variant"])
+    for t in targets:
+        ax.axhline(t, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel(
+        "training time on this CPU (min, 2 cores; projected from steps)"
+        if cpu
+        else "training time on the device that ran it (s)"
+    )
+    ax.set_ylabel("validation Dice (Shenzhen, 50 images)")
+    ax.set_ylim(0.3, 0.95)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
