@@ -69,6 +69,69 @@ def use_compile_cache(arg: str | None, work: Path) -> None:
         jax.config.update("jax_compilation_cache_dir", str(Path(arg or work / ".jax_cache")))
 
 
+def fine_tuner(
+    a: argparse.Namespace,
+    run: Path,
+    ft: Path,
+    tgt: str,
+    fbase: FinetuneConfig,
+    size: int,
+    n_ft: int,
+    **fields: Any,
+) -> Any:
+    """The unit that fine-tunes the trained run `run` with VWSL on the first n_ft unlabelled
+    images of tgt's fine-tuning split into `ft` (fbase with `fields` replaced)."""
+
+    def do_ft() -> dict[str, Any]:
+        c, prm = ckpt.load_run(run)
+        fc = dataclasses.replace(fbase, source_run=str(run), **fields)
+        imgs = load(a, tgt, FINETUNE_SPLIT[tgt], size, masks=False, limit=n_ft)
+        resume = (ft / "checkpoints").exists()
+        return finetune(
+            c, prm, imgs, ft, fc, resume=resume, progress=False, uncertainty_after=False
+        )
+
+    return do_ft
+
+
+def refresh_markdown(
+    rows: list[dict[str, Any]], ref_rows: list[dict[str, Any]], gamma: float
+) -> str:
+    """Table 3: VWSL with targets computed once against targets recomputed every k epochs
+    (mean ± std over seeds of the per-seed test Dice; only seeds that have both)."""
+    if not ref_rows:
+        return ""
+    lines = [
+        "\n\nTable 3 (VWSL targets computed once vs recomputed every k epochs; gamma "
+        f"{gamma:g}; mean ± std over seeds, per-seed means in brackets)\n",
+        "| trained on | tested on | targets | Dice | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for src in SITES:
+        tgt = next(s for s in SITES if s != src)
+        for k in sorted({r["refresh_every"] for r in ref_rows}):
+            got = {
+                r["seed"]: r["dice_mean"]
+                for r in ref_rows
+                if (r["train_site"], r["refresh_every"]) == (src, k)
+            }
+            once = {
+                r["seed"]: r["dice_mean"]
+                for r in rows
+                if (r["train_site"], r["method"], r["gamma"]) == (src, "vwsl", gamma)
+                and r["seed"] in got
+            }
+            for label, d in (("once", once), (f"every {k} epochs", got)):
+                if d:
+                    v = [d[s] for s in sorted(d)]
+                    each = ", ".join(f"{x:.3f}" for x in v)
+                    lines.append(
+                        f"| {src} | {tgt} | {label} | {np.mean(v):.3f} ± {np.std(v):.3f} "
+                        f"({each}) | {len(v)} |"
+                    )
+    return "\n".join(lines) + "\n"
+
+
 def unit(path: Path, fn: Any) -> dict[str, Any]:
     """Runs fn() unless path (its JSON result) exists; stores the result with its wall time."""
     if path.exists():
@@ -118,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return s
 
     unc_rows: list[dict[str, Any]] = []
+    ref_rows: list[dict[str, Any]] = []
     unc_n, unc_k = proto.get("uncertainty_images", 8), proto.get("uncertainty_samples", 10)
 
     def uncertainty(run: Path, name: str, src: str, tgt: str, method: str) -> None:
@@ -142,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         ckpt.write_json(res_dir / f"{rname}.json", rows)
         if unc_rows:
             ckpt.write_json(res_dir / f"{rname}_uncertainty.json", unc_rows)
+        if ref_rows:
+            ckpt.write_json(res_dir / f"{rname}_refresh.json", ref_rows)
         tables = tables_markdown(rows, fbase.gamma, proto, time.perf_counter() - t_all, unc_rows)
+        tables += refresh_markdown(rows, ref_rows, fbase.gamma)
         atomic_write_text(res_dir / f"{rname}.md", tables + unit_times(work, fbase.gamma))
 
     for seed in seeds:
@@ -176,16 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 gammas = sorted(set(gammas) | set(proto.get("gammas", [])))
             for g in gammas:
                 ft = work / f"vwsl-{src}-to-{tgt}-s{seed}-g{g:g}"
-
-                def do_ft(src=src, tgt=tgt, seed=seed, g=g, ft=ft, run=run) -> dict[str, Any]:
-                    c, prm = ckpt.load_run(run)
-                    fc = dataclasses.replace(fbase, gamma=g, seed=seed, source_run=str(run))
-                    imgs = load(a, tgt, FINETUNE_SPLIT[tgt], size, masks=False, limit=n_ft)
-                    resume = (ft / "checkpoints").exists()
-                    return finetune(
-                        c, prm, imgs, ft, fc, resume=resume, progress=False, uncertainty_after=False
-                    )
-
+                do_ft = fine_tuner(a, run, ft, tgt, fbase, size, n_ft, gamma=g, seed=seed)
                 unit(work / f"vwsl-{src}-to-{tgt}-s{seed}-g{g:g}.json", do_ft)
                 ev = unit(
                     work / f"eval-vwsl-{src}-to-{tgt}-s{seed}-g{g:g}.json",
@@ -194,6 +252,25 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(_row(src, tgt, "vwsl", g, seed, ev))
                 if seed == seeds[0] and g == fbase.gamma and unc_n > 0:
                     uncertainty(ft, f"vwsl-{src}-to-{tgt}-s{seed}-g{g:g}", src, tgt, "vwsl")
+            for k in proto.get("refresh", []):  # targets recomputed every k epochs vs once
+                name = f"vwsl-{src}-to-{tgt}-s{seed}-g{fbase.gamma:g}-r{k}"
+                do_ft = fine_tuner(
+                    a,
+                    run,
+                    work / name,
+                    tgt,
+                    fbase,
+                    size,
+                    n_ft,
+                    gamma=fbase.gamma,
+                    seed=seed,
+                    refresh_every=k,
+                )
+                unit(work / f"{name}.json", do_ft)
+                ev = unit(work / f"eval-{name}.json", lambda n=name, t=tgt: run_eval(work / n, t))
+                ref_rows.append(
+                    {**_row(src, tgt, "vwsl", fbase.gamma, seed, ev), "refresh_every": k}
+                )
             publish(rows)  # partial tables after every unit group, so a cut run still reports
     publish(rows)
     for seed in seeds[:1]:
@@ -252,6 +329,8 @@ def unit_times(work: Path, gamma: float) -> str:
         part = "uncertainty" if name.startswith("unc-") else "Table 1"
         if g is not None and float(g.group(1)) != gamma:
             part = "gamma sweep"
+        if re.search(r"-r\d+\.json$", name):
+            part = "target refresh"
         return f"seed {m.group(1)}, {part}"
 
     return sum_unit_times(work, group_of, "2 cores; other jobs shared the cores for some units")

@@ -49,6 +49,7 @@ def test_cross_site_runs_and_resumes_on_phantom_sites(tmp_path):
         "eval_samples": 2,
         "seeds": [0],
         "gammas": [0, 100],
+        "refresh": [1],
         "uncertainty_images": 2,
         "uncertainty_samples": 2,
     }
@@ -69,7 +70,13 @@ def test_cross_site_runs_and_resumes_on_phantom_sites(tmp_path):
     assert {(u["train_site"], u["method"]) for u in unc} == {
         (s, m) for s in ("shenzhen", "montgomery") for m in ("med-nca", "vwsl")
     }
-    assert "Measured unit wall times" in (tmp_path / "results" / "cross_site.md").read_text()
+    md = (tmp_path / "results" / "cross_site.md").read_text()
+    assert "Measured unit wall times" in md and "target refresh" in md and "Table 3" in md
+    ref = json.loads((tmp_path / "results" / "cross_site_refresh.json").read_text())
+    assert {(r["train_site"], r["refresh_every"], r["method"]) for r in ref} == {
+        ("shenzhen", 1, "vwsl"),
+        ("montgomery", 1, "vwsl"),
+    }
     # a second invocation reuses every unit (resumable) and gives the same rows
     r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r2.returncode == 0
