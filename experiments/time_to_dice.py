@@ -6,8 +6,8 @@ batch size, warm-up + cosine learning rate, a curriculum of fewer NCA steps earl
 epochs, until it reaches the protocol's stop Dice or its epoch cap. The curve is kept in optimizer
 steps, so a run on any device also gives the time on this CPU: steps x the CPU seconds per step
 of its batch size and NCA step count, measured by bench.py (`--cpu-bench`, one JSON per step
-count). Times count training only; validation (about 45 s per pass of 50 images on 2 cores) is
-reported apart.
+count). Train times count training only; the wall time adds the validation passes (about 40 s per
+pass of 50 images on 2 cores).
 
 Usage:
     python experiments/time_to_dice.py --protocol configs/time_to_dice.json
@@ -62,10 +62,11 @@ def cpu_step_table(paths: list[str]) -> dict[tuple[int, int], float]:
 
 
 def curve(cfg: RunConfig, rows: list[dict[str, Any]], cpu: dict[tuple[int, int], float]):
-    """Per validated epoch: step, val Dice, measured train seconds (cumulative, this device) and
-    the projected CPU train seconds (None where the bench lacks the batch / step count)."""
+    """Per validated epoch: step, val Dice, measured train seconds (cumulative, this device), the
+    measured wall seconds with the validation passes, and the projected CPU train seconds (None
+    where the bench lacks the batch / step count)."""
     tc, out = cfg.train, []
-    t_dev = t_cpu = 0.0
+    t_dev = t_cpu = t_eval = 0.0
     missing = False
     prev_step = 0
     for r in rows:
@@ -75,6 +76,7 @@ def curve(cfg: RunConfig, rows: list[dict[str, Any]], cpu: dict[tuple[int, int],
         per = cpu.get((tc.batch_size, nca))
         missing |= per is None
         t_dev += r["epoch_s"]
+        t_eval += r.get("eval_s", 0.0)
         t_cpu += 0.0 if per is None else steps_here * per
         if "val_dice" in r:
             out.append(
@@ -83,6 +85,7 @@ def curve(cfg: RunConfig, rows: list[dict[str, Any]], cpu: dict[tuple[int, int],
                     "step": r["step"],
                     "val_dice": r["val_dice"],
                     "train_s": t_dev,
+                    "wall_s": t_dev + t_eval,
                     "cpu_train_s": None if missing else t_cpu,
                 }
             )
@@ -186,14 +189,18 @@ def _fmt_reach(hit: dict[str, Any] | None) -> str:
     if hit is None:
         return "not reached"
     cpu = "" if hit["cpu_train_s"] is None else f"{hit['cpu_train_s'] / 60:.0f} min CPU, "
-    return f"{cpu}step {hit['step']} ({hit['train_s']:.0f} s measured)"
+    return (
+        f"{cpu}step {hit['step']} ({hit['train_s'] / 60:.1f} min measured, "
+        f"{hit['wall_s'] / 60:.1f} with validation)"
+    )
 
 
 def markdown(rows: list[dict[str, Any]], targets: list[float], proto: dict[str, Any]) -> str:
     head = " | ".join(f"first val Dice >= {t:g}" for t in targets)
     lines = [
-        "Time to validation Dice on Shenzhen (50 training, 50 validation images; training time "
-        "only, validation passes excluded)",
+        "Time to validation Dice on Shenzhen (50 training, 50 validation images): the projected "
+        "training time on the benchmarked CPU where bench JSONs were given, the measured training "
+        "time on the device that ran it, and the measured wall time with the validation passes",
         "",
         f"| variant | batch | lr schedule | best val Dice (steps run) | {head} |",
         "|---|---|---|---|" + "---|" * len(targets),
@@ -223,16 +230,16 @@ def figure(rows: list[dict[str, Any]], png: Path, targets: list[float]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     cpu = all(q["cpu_train_s"] is not None for r in rows for q in r["curve"])
-    key, scale = ("cpu_train_s", 60) if cpu else ("train_s", 1)
+    key = "cpu_train_s" if cpu else "train_s"
     for r in rows:
-        xs = [q[key] / scale for q in r["curve"]]
+        xs = [q[key] / 60 for q in r["curve"]]
         ax.plot(xs, [q["val_dice"] for q in r["curve"]], label=r["variant"])
     for t in targets:
         ax.axhline(t, color="grey", lw=0.6, ls="--")
     ax.set_xlabel(
         "training time on this CPU (min, 2 cores; projected from steps)"
         if cpu
-        else "training time on the device that ran it (s)"
+        else "training time on the device that ran it (min, measured)"
     )
     ax.set_ylabel("validation Dice (Shenzhen, 50 images)")
     ax.set_ylim(0.3, 0.95)

@@ -176,6 +176,8 @@ def test_time_to_dice_curves_and_cpu_projection(tmp_path):
     assert [q["step"] for q in rows["plain"]["curve"]] == [2, 4, 6]
     assert [q["cpu_train_s"] for q in rows["plain"]["curve"]] == [4.0, 8.0, 12.0]
     assert [q["cpu_train_s"] for q in rows["curr"]["curve"]] == [2.0, 6.0, 10.0]
+    for q in rows["plain"]["curve"]:  # validated every epoch: wall = train + validation
+        assert q["wall_s"] > q["train_s"] > 0
     assert rows["plain"]["reach_0"]["step"] == 2 and rows["plain"]["reach_1.01"] is None
     assert "not reached" in (tmp_path / "results" / "time_to_dice.md").read_text()
     assert (tmp_path / "results" / "figures" / "time_to_dice.png").stat().st_size > 0
