@@ -255,16 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in proto.get("refresh", []):  # targets recomputed every k epochs vs once
                 name = f"vwsl-{src}-to-{tgt}-s{seed}-g{fbase.gamma:g}-r{k}"
                 do_ft = fine_tuner(
-                    a,
-                    run,
-                    work / name,
-                    tgt,
-                    fbase,
-                    size,
-                    n_ft,
-                    gamma=fbase.gamma,
-                    seed=seed,
-                    refresh_every=k,
+                    a, run, work / name, tgt, fbase, size, n_ft, seed=seed, refresh_every=k
                 )
                 unit(work / f"{name}.json", do_ft)
                 ev = unit(work / f"eval-{name}.json", lambda n=name, t=tgt: run_eval(work / n, t))
