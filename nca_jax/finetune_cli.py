@@ -117,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             f"; mean quality score {s['quality_before_mean']:.4f} -> "
             f"{s['quality_after_mean']:.4f} (lower = surer)"
         )
+    if "foreground_before_mean" in s:
+        msg += (
+            f"; predicted foreground {s['foreground_before_mean']:.1%} -> "
+            f"{s['foreground_after_mean']:.1%} of the image"
+        )
     print(msg)
+    if s.get("area_warning"):
+        print(f"warning: {s['area_warning']}", file=sys.stderr)
     return 0
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import FinetuneConfig, RunConfig
 from nca_jax.data import Dataset
-from nca_jax.metrics import quality_score
+from nca_jax.metrics import foreground_fraction, quality_score
 from nca_jax.model import Params
 from nca_jax.training import (
     TrainState,
@@ -35,6 +35,30 @@ from nca_jax.training import (
 from nca_jax.vwsl import targets_from_probs, vwsl_loss
 
 TARGET_KEY, UNCERTAINTY_KEY = 10, 11
+# The predicted foreground area after / before VWSL outside this range is reported as a likely
+# fall towards VWSL's trivial fixed point (an empty or full mask agrees with itself in every
+# sample): seen in the cross-site experiment (results/README.md), where it is label-free evidence.
+AREA_RATIO_OK = (0.5, 2.0)
+
+
+def area_warning(
+    before: float, after: float, ok: tuple[float, float] = AREA_RATIO_OK
+) -> str | None:
+    """A warning when the mean predicted foreground fraction on the fine-tuning images moved
+    from `before` to `after` by a factor outside `ok`; None when it stayed inside."""
+    if before <= 0.0:
+        if after <= 0.0:
+            return None
+        return f"the predicted foreground on the fine-tuning images grew from none to {after:.1%}"
+    ratio = after / before
+    if ok[0] <= ratio <= ok[1]:
+        return None
+    return (
+        f"the predicted foreground area on the fine-tuning images went from {before:.1%} to "
+        f"{after:.1%} of the image (x{ratio:.2f}) during VWSL: the model may be collapsing "
+        f"towards an {'empty' if ratio < ok[0] else 'over-full'} mask, VWSL's trivial fixed "
+        "point; compare it with the source model before using it"
+    )
 
 
 def make_finetune_step(cfg: RunConfig) -> Callable:
@@ -102,7 +126,10 @@ def finetune(
         out.mkdir(parents=True, exist_ok=True)
         _write_std_pngs(out / "uncertainty", data.names, probs_before, "before")
         rows = {
-            n: {"quality_before": quality_score(probs_before[:, i])}
+            n: {
+                "quality_before": quality_score(probs_before[:, i]),
+                "foreground_before": foreground_fraction(probs_before[:, i], fc.target_reduce),
+            }
             for i, n in enumerate(data.names)
         }
         ckpt.write_json(out / "uncertainty.json", rows)
@@ -142,11 +169,17 @@ def finetune(
         path = out / "uncertainty.json"
         rows = json.loads(path.read_text()) if path.exists() else {}
         for i, n in enumerate(data.names):
-            rows.setdefault(n, {})["quality_after"] = quality_score(probs_after[:, i])
-        q = [r for r in rows.values() if "quality_before" in r and "quality_after" in r]
-        if q:
-            summary["quality_before_mean"] = float(np.mean([r["quality_before"] for r in q]))
-            summary["quality_after_mean"] = float(np.mean([r["quality_after"] for r in q]))
+            row = rows.setdefault(n, {})
+            row["quality_after"] = quality_score(probs_after[:, i])
+            row["foreground_after"] = foreground_fraction(probs_after[:, i], fc.target_reduce)
+        for name in ("quality", "foreground"):
+            q = [r for r in rows.values() if f"{name}_before" in r and f"{name}_after" in r]
+            for when in ("before", "after") if q else ():
+                summary[f"{name}_{when}_mean"] = float(np.mean([r[f"{name}_{when}"] for r in q]))
+        if "foreground_before_mean" in summary:
+            summary["area_warning"] = area_warning(
+                summary["foreground_before_mean"], summary["foreground_after_mean"]
+            )
         ckpt.write_json(path, rows)
         ckpt.write_json(out / "run.json", summary)
     return summary

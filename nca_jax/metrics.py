@@ -111,6 +111,18 @@ def quality_score(probs: np.ndarray) -> float:
     return std_sum / mean_sum
 
 
+def foreground_fraction(probs: np.ndarray, reduce: str = "median") -> float:
+    """Share of the image that S stochastic predictions probs (S, H, W) in [0, 1] mark as
+    foreground: the 0.5-threshold of their median (or mean), i.e. the area of a VWSL target."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 3:
+        raise ValueError(f"expected probs of shape (S, H, W), got {p.shape}")
+    if reduce not in ("median", "mean"):
+        raise ValueError(f"unknown reduce {reduce!r}")
+    center = np.median(p, axis=0) if reduce == "median" else p.mean(axis=0)
+    return float((center > 0.5).mean())
+
+
 def summarize(values: Sequence[float]) -> dict[str, float | int]:
     """Summary of values (K,): mean, std (ddof=0), median, min, max over the finite values.
 

@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from nca_jax.metrics import case_metrics, dice, hd95, quality_score, soft_dice, summarize
+from nca_jax.metrics import (
+    case_metrics,
+    dice,
+    foreground_fraction,
+    hd95,
+    quality_score,
+    soft_dice,
+    summarize,
+)
 
 
 def _square(shape: tuple[int, int], r0: int, c0: int, size: int) -> np.ndarray:
@@ -212,3 +220,24 @@ def test_case_metrics_empty_prediction() -> None:
     assert math.isnan(m["hd95"])
     assert m["fg_fraction"] == 0.0
     assert m["quality"] == 0.0
+
+
+def test_foreground_fraction_exact_values():
+    # 3 samples of a 2 x 2 image; per pixel: median / mean of the samples
+    probs = np.array(
+        [
+            [[0.9, 0.2], [0.6, 0.0]],
+            [[0.8, 0.7], [0.1, 0.0]],
+            [[0.1, 0.9], [0.2, 0.0]],
+        ]
+    )
+    # medians 0.8, 0.7, 0.2, 0.0 -> 2 of 4 pixels; means 0.6, 0.6, 0.3, 0.0 -> 2 of 4
+    assert foreground_fraction(probs) == 0.5
+    assert foreground_fraction(probs, "mean") == 0.5
+    probs[2, 1, 0] = 0.9  # median of (0.6, 0.1, 0.9) = 0.6 -> 3 of 4; mean 0.533 -> 3 of 4
+    assert foreground_fraction(probs) == 0.75
+    assert foreground_fraction(np.zeros((2, 3, 3))) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        foreground_fraction(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="reduce"):
+        foreground_fraction(probs, "max")

@@ -10,6 +10,7 @@ from PIL import Image
 from nca_jax import finetune_cli, model
 from nca_jax.cli import run_cli
 from nca_jax.config import FinetuneConfig
+from nca_jax.finetuning import area_warning
 from nca_jax.losses import segmentation_loss
 from nca_jax.phantoms import make_phantom_dataset, write_phantom_folder
 from nca_jax.training import train_and_evaluate
@@ -191,7 +192,15 @@ def test_finetune_never_opens_a_mask(tiny_run, tmp_path, monkeypatch, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["finetune"]["epochs"] == 1 and cfg["finetune"]["source_run"] == str(tiny_run)
     u = json.loads((out / "uncertainty.json").read_text())
-    assert set(u["phantom_4_0000"]) == {"quality_before", "quality_after"}
+    assert set(u["phantom_4_0000"]) == {
+        "quality_before",
+        "quality_after",
+        "foreground_before",
+        "foreground_after",
+    }
+    s = json.loads((out / "run.json").read_text())
+    fg = [r["foreground_after"] for r in u.values()]
+    assert s["foreground_after_mean"] == pytest.approx(sum(fg) / len(fg))
     assert (out / "uncertainty" / "phantom_4_0000_std_before.png").exists()
     assert (out / "weights.npz").exists()
 
@@ -265,3 +274,13 @@ def test_vwsl_raises_dice_on_a_domain_shifted_toy(tmp_path):
     _, tuned = ckpt.load_run(tmp_path / "ft")
     before, after = score(params), score(tuned)
     assert after > before + 0.005, (before, after)
+
+
+def test_area_warning_flags_a_collapse_or_a_flood_only():
+    assert area_warning(0.30, 0.25) is None
+    assert area_warning(0.4, 0.2) is None and area_warning(0.2, 0.4) is None  # the bounds
+    empty = area_warning(0.30, 0.002)
+    assert empty and "empty" in empty and "30.0% to 0.2%" in empty
+    full = area_warning(0.20, 0.70)
+    assert full and "over-full" in full
+    assert area_warning(0.0, 0.0) is None and "from none" in area_warning(0.0, 0.1)
