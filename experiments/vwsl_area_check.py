@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -36,21 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.finetune is None:
         raise SystemExit(f"{a.finetuned}: not a fine-tuning run")
     _, source = ckpt.load_run(a.source)
-    lines = Path(a.split).read_text().splitlines()
-    names = [s.strip() for s in lines if s.strip() and not s.startswith("#")][: a.n]
-    with tempfile.TemporaryDirectory() as tmp:
-        split = Path(tmp) / "split.txt"
-        split.write_text("\n".join(names) + "\n")
-        data = load_split(a.data, split, size=cfg.train.image_size, require_masks=False)
+    data = load_split(a.data, a.split, size=cfg.train.image_size, require_masks=False)
+    images = data.images[: a.n]
     key = jax.random.key(a.seed)
     share = {}
     for tag, params in (("source", source), ("fine-tuned", tuned)):
-        probs = sample(params, cfg, data.images, key)
+        probs = sample(params, cfg, images, key)
         share[tag] = float(
             np.mean(
                 [
                     foreground_fraction(probs[:, i], cfg.finetune.target_reduce)
-                    for i in range(len(names))
+                    for i in range(len(images))
                 ]
             )
         )
