@@ -96,7 +96,7 @@ class FinetuneConfig:
     lr: float = 3e-6
     beta1: float = 0.9
     beta2: float = 0.99
-    lr_decay: float = 1.0  # the authors' fine-tuning uses a constant learning rate
+    lr_decay: float = 0.9999  # per step, as the authors' fine-tuning config (lr_gamma)
     gamma: float = 1e2  # weight of the consistency term
     samples: int = 10  # stochastic predictions per image for the surrogate target
     target_reduce: str = "median"  # "median" (authors' code) or "mean" (paper)
@@ -109,6 +109,7 @@ class FinetuneConfig:
     eval_every: int = 10
     eval_samples: int = 1
     keep_checkpoints: int = 2
+    snapshot_every: int = 0  # save the weights every K epochs under snapshots/ (0 = never)
     source_run: str = ""  # the run it starts from (for the record)
 
     def validate(self) -> None:
@@ -126,8 +127,8 @@ class FinetuneConfig:
             raise ConfigError("finetune.weight_kind must be 'std' or 'var'")
         if self.loss not in ("dice_bce", "dice_focal"):
             raise ConfigError("finetune.loss must be 'dice_bce' or 'dice_focal'")
-        if self.refresh_every < 0:
-            raise ConfigError("finetune.refresh_every must be >= 0")
+        if self.refresh_every < 0 or self.snapshot_every < 0:
+            raise ConfigError("finetune.refresh_every and snapshot_every must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,6 +58,7 @@ def build_config(a: argparse.Namespace) -> FinetuneConfig:
         section = data.get("finetune", data) if isinstance(data, dict) else None
         if not isinstance(section, dict):
             raise ConfigError(f"{a.config}: expected a JSON object")
+        section = {k: v for k, v in section.items() if not k.startswith("_")}  # comments
         names = {f.name for f in dataclasses.fields(FinetuneConfig)}
         if set(section) - names:
             raise ConfigError(

@@ -66,7 +66,7 @@ def make_finetune_step(cfg: RunConfig) -> Callable:
     fc = cfg.finetune
 
     def loss_fn(params: Params, batch: dict[str, jax.Array], key: jax.Array):
-        loss, _ = vwsl_loss(
+        loss, terms = vwsl_loss(
             params,
             batch["images"],
             batch["targets"],
@@ -75,7 +75,7 @@ def make_finetune_step(cfg: RunConfig) -> Callable:
             fc=fc,
             key=key,
         )
-        return loss, jax.numpy.array(False)
+        return loss, {"skip": jax.numpy.array(False), **terms}
 
     return make_update_step(make_optimizer(fc), loss_fn)
 
@@ -144,6 +144,11 @@ def finetune(
         t, w = targets_from_probs(probs, fc.target_reduce, fc.weight_kind)
         return {"targets": np.asarray(t), "weights": np.asarray(w)}
 
+    def snapshot(epoch: int, p: Params) -> None:
+        if fc.snapshot_every > 0 and (epoch + 1) % fc.snapshot_every == 0:
+            (out / "snapshots").mkdir(exist_ok=True)
+            ckpt.save_weights(p, out / "snapshots" / f"epoch{epoch + 1:04d}.npz")
+
     state = TrainState(params, make_optimizer(fc).init(params), jax.numpy.zeros((), "int32"))
     summary = fit(
         cfg,
@@ -160,6 +165,7 @@ def finetune(
         schedule=make_optimizer_schedule(fc),
         log=log,
         summary_extra={"finetune_source": data.source, "source_run": fc.source_run},
+        on_epoch_end=snapshot,
     )
     if summary["finished"] and uncertainty_after:
         _, final = ckpt.load_run(out)

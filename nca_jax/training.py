@@ -71,8 +71,10 @@ def make_update_step(
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
     """jit(step)(state, batch, step_key) -> (state, info); the state is donated.
 
-    loss_fn(params, batch, key) -> (loss, skip) where skip (bool scalar) asks to leave the
-    state unchanged. The model's randomness is fold_in(step_key, state.step). A step whose loss
+    loss_fn(params, batch, key) -> (loss, aux) where aux is skip (bool scalar: leave the state
+    unchanged) or a dict {'skip': skip, NAME: scalar, ...} whose other scalars (e.g. the terms
+    of the loss) come back in info['terms']. The model's randomness is
+    fold_in(step_key, state.step). A step whose loss
     or gradient is not finite also leaves parameters and Adam state unchanged; info says which
     happened (loss, finite, skipped)."""
 
@@ -92,7 +94,13 @@ def update_state(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step with the model randomness `key` (None when the batch carries its
     randomness as tensors, as in the TFLite export), guarded as make_update_step says."""
-    (loss, skip), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    terms = {}
+    if isinstance(aux, dict):
+        terms = {k: v for k, v in aux.items() if k != "skip"}
+        skip = aux["skip"]
+    else:
+        skip = aux
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     leaves = jax.tree_util.tree_leaves(grads)
@@ -104,6 +112,8 @@ def update_state(
         (state.params, state.opt_state),
     )
     info = {"loss": loss, "finite": finite, "skipped": skip}
+    if terms:
+        info["terms"] = terms
     return TrainState(params, opt_state, state.step + 1), info
 
 
@@ -276,6 +286,7 @@ def fit(
     schedule: optax.Schedule | None = None,
     log: Callable[[str], None] = print,
     summary_extra: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int, Params], dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     """The epoch loop shared by training and fine-tuning; writes the run folder `out`.
 
@@ -284,7 +295,10 @@ def fit(
     batched together; `carried` ones (e.g. VWSL targets) are checkpointed with the state and
     may be replaced by `refresh(epoch, params)` at the start of an epoch (None = keep).
     step_fn(state, batch dict, step_key) -> (state, info with loss, finite, skipped);
-    step_fn_at(epoch), when given, picks the step function of each epoch (a curriculum)."""
+    step_fn_at(epoch), when given, picks the step function of each epoch (a curriculum).
+    Loss terms in info['terms'] are averaged per epoch into the metrics row as term_NAME;
+    on_epoch_end(epoch, params), when given, runs after each epoch and its dict (if any) is
+    added to that epoch's metrics row."""
     out = Path(out)
     carried = dict(carried or {})
     n = len(next(iter(fixed.values())))
@@ -337,6 +351,7 @@ def fit(
         arrays = {**fixed, **carried}
         order = epoch_order(data_key, epoch, n)
         losses, skipped, t0 = [], 0, time.perf_counter()
+        term_sums: dict[str, float] = {}
         epoch_step = step_fn if step_fn_at is None else step_fn_at(epoch)
         for b in range(per_epoch):
             idx = order[b * batch : (b + 1) * batch]
@@ -351,6 +366,8 @@ def fit(
                 )
             skipped += int(info["skipped"])
             losses.append(loss)
+            for k, v in info.get("terms", {}).items():
+                term_sums[k] = term_sums.get(k, 0.0) + float(v)
             bar.update(1)
             rate = batch * (b + 1) / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{rate:.2f}")
@@ -363,8 +380,11 @@ def fit(
             "epoch_s": dt,
             "images_per_s": per_epoch * batch / dt,
         }
+        row.update({f"term_{k}": v / per_epoch for k, v in term_sums.items()})
         if schedule is not None:
             row["lr"] = float(schedule(int(state.step)))
+        if on_epoch_end is not None:
+            row.update(on_epoch_end(epoch, state.params) or {})
         last = epoch + 1 == end_epoch
         if val is not None and ((epoch + 1) % loop.eval_every == 0 or epoch + 1 == loop.epochs):
             t_eval = time.perf_counter()
