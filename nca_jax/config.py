@@ -86,11 +86,26 @@ class TrainConfig:
             raise ConfigError("train.curriculum_epochs and curriculum_steps go together")
 
 
+FINETUNE_METHODS = ("vwsl", "pseudo-label", "entropy")
+
+
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """VWSL fine-tuning on unlabelled images. Defaults from the authors' code, except gamma
-    (see README: chosen without target labels; the paper reports 1e3, the code uses 1e2)."""
+    """Fine-tuning on unlabelled images. Defaults from the authors' code, except gamma
+    (see README: chosen without target labels; the paper reports 1e3, the code uses 1e2).
 
+    method: 'vwsl' (weighted Dice + BCE to the median target + gamma x consistency),
+    'pseudo-label' (the same targets, w = 1, no consistency term) or 'entropy' (TENT-style:
+    the binary entropy of the mean of two stochastic level-2 runs; with update='norm' only the
+    batch-norm scale and shift change). The safety net (check_every > 0): every check_every
+    epochs the model predicts check_samples samples of the first check_images images; a check
+    is acceptable when its predicted lung share stays within [area_min_ratio, area_max_ratio]
+    of the source model's share and its quality score (sample spread) is at most
+    (1 - min_quality_gain) x the source's. The last acceptable check is kept; with none, the
+    run rolls back to the source weights (rollback=True)."""
+
+    method: str = "vwsl"
+    update: str = "all"  # parameters that change: "all", or "norm" (batch-norm scale, shift)
     epochs: int = 100
     batch_size: int = 8
     lr: float = 3e-6
@@ -110,21 +125,52 @@ class FinetuneConfig:
     eval_samples: int = 1
     keep_checkpoints: int = 2
     snapshot_every: int = 0  # save the weights every K epochs under snapshots/ (0 = never)
+    check_every: int = 20  # epochs between label-free checks (0: no checks, no rollback)
+    check_images: int = 16  # the first N fine-tuning images are checked
+    check_samples: int = 4  # stochastic predictions per checked image
+    area_min_ratio: float = 0.8  # predicted lung share / source share must stay in this band
+    area_max_ratio: float = 1.25
+    min_quality_gain: float = 0.0  # quality score must fall at least by this fraction
+    rollback: bool = True  # no acceptable check -> weights.npz = the source weights
     source_run: str = ""  # the run it starts from (for the record)
 
     def validate(self) -> None:
-        for name in ("gamma", "lr"):
+        for name in (
+            "gamma",
+            "lr",
+            "lr_decay",
+            "beta1",
+            "beta2",
+            "area_min_ratio",
+            "area_max_ratio",
+            "min_quality_gain",
+            "focal_gamma",
+        ):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise ConfigError(f"finetune.{name} must be finite and >= 0, got {v}")
+        if self.method not in FINETUNE_METHODS:
+            raise ConfigError(
+                f"finetune.method must be one of {FINETUNE_METHODS}, got {self.method!r}"
+            )
+        if self.update not in ("all", "norm"):
+            raise ConfigError(f"finetune.update must be 'all' or 'norm', got {self.update!r}")
+        if not 0 < self.lr_decay <= 1 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("finetune.lr_decay must lie in (0, 1], beta1 and beta2 in [0, 1)")
+        if self.area_min_ratio > self.area_max_ratio:
+            raise ConfigError("finetune.area_min_ratio must not exceed area_max_ratio")
+        if self.check_every < 0 or self.check_images < 1 or self.check_samples < 2:
+            raise ConfigError(
+                "finetune.check_every must be >= 0, check_images >= 1, check_samples >= 2"
+            )
         if self.lr == 0:
             raise ConfigError("finetune.lr must be > 0")
         if self.epochs < 1 or self.batch_size < 1 or self.samples < 2:
             raise ConfigError("finetune.epochs, batch_size must be >= 1 and samples >= 2")
         if self.target_reduce not in ("median", "mean"):
             raise ConfigError("finetune.target_reduce must be 'median' or 'mean'")
-        if self.weight_kind not in ("std", "var"):
-            raise ConfigError("finetune.weight_kind must be 'std' or 'var'")
+        if self.weight_kind not in ("std", "var", "none"):
+            raise ConfigError("finetune.weight_kind must be 'std', 'var' or 'none'")
         if self.loss not in ("dice_bce", "dice_focal"):
             raise ConfigError("finetune.loss must be 'dice_bce' or 'dice_focal'")
         if self.refresh_every < 0 or self.snapshot_every < 0:

@@ -34,6 +34,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refresh-every", type=int)
     p.add_argument("--target-reduce", choices=["median", "mean"])
     p.add_argument("--weight-kind", choices=["std", "var"])
+    p.add_argument("--method", choices=["vwsl", "pseudo-label", "entropy"])
+    p.add_argument("--update", choices=["all", "norm"], help="parameters that change")
+    p.add_argument(
+        "--check-every",
+        type=int,
+        help="epochs between label-free checks (0 = none, no rollback); default 20",
+    )
+    p.add_argument(
+        "--no-rollback",
+        action="store_true",
+        help="keep the last check's weights even when no check is acceptable",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true")
     p.add_argument(
@@ -75,6 +87,10 @@ def build_config(a: argparse.Namespace) -> FinetuneConfig:
         "target_reduce": a.target_reduce,
         "weight_kind": a.weight_kind,
         "seed": a.seed,
+        "method": a.method,
+        "update": a.update,
+        "check_every": a.check_every,
+        "rollback": False if a.no_rollback else None,
     }
     fc = dataclasses.replace(
         base, **{k: v for k, v in over.items() if v is not None}, source_run=str(a.run)
@@ -126,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print(msg)
     if s.get("area_warning"):
         print(f"warning: {s['area_warning']}", file=sys.stderr)
+    if s.get("verdict_line"):
+        print(s["verdict_line"])  # the last line: 'adapted: ...' or 'rolled back: ...'
     return 0
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from PIL import Image
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import FinetuneConfig, RunConfig
 from nca_jax.data import Dataset
+from nca_jax.guard import choose, label_free_check, verdict_line
 from nca_jax.metrics import foreground_fraction, quality_score
 from nca_jax.model import Params
 from nca_jax.training import (
@@ -32,9 +35,9 @@ from nca_jax.training import (
     make_update_step,
     predict_dataset,
 )
-from nca_jax.vwsl import targets_from_probs, vwsl_loss
+from nca_jax.vwsl import finetune_loss, targets_from_probs
 
-TARGET_KEY, UNCERTAINTY_KEY = 10, 11
+TARGET_KEY, UNCERTAINTY_KEY, CHECK_KEY = 10, 11, 12
 # The predicted foreground area after / before VWSL outside this range is reported as a likely
 # fall towards VWSL's trivial fixed point (an empty or full mask agrees with itself in every
 # sample): seen in the cross-site experiment (results/README.md), where it is label-free evidence.
@@ -61,12 +64,43 @@ def area_warning(
     )
 
 
+def apply_verdict(out: Path, source_params: Params, fc: FinetuneConfig) -> dict[str, Any]:
+    """Chooses the weights of a finished run in `out` from its label-free checks (guard.json
+    and the check_* columns of metrics.jsonl) and writes them as weights.npz: the chosen
+    snapshot, or the source weights when it rolls back. Returns {'verdict', 'criterion',
+    'selected_epoch', 'weights'} for run.json."""
+    source = json.loads((out / "guard.json").read_text())["source"]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
+    checks = [
+        {"epoch": r["epoch"] + 1, **{k[6:]: r[k] for k in r if k.startswith("check_")}}
+        for r in rows
+        if "check_area" in r
+    ]
+    decision = choose(checks, source, fc)
+    if decision["epoch"] is None:
+        ckpt.save_weights(source_params, out / "weights.npz")
+        weights = "source weights (rolled back)"
+    else:
+        snap = out / "snapshots" / f"epoch{decision['epoch']:04d}.npz"
+        shutil.copyfile(snap, out / ".weights.npz.tmp")
+        os.replace(out / ".weights.npz.tmp", out / "weights.npz")
+        weights = f"epoch {decision['epoch']} (label-free check)"
+    return {
+        "verdict": decision["verdict"],
+        "criterion": decision["criterion"],
+        "selected_epoch": decision["epoch"],
+        "weights": weights,
+        "verdict_line": verdict_line(decision),
+    }
+
+
 def make_finetune_step(cfg: RunConfig) -> Callable:
-    """VWSL step: batch {'images', 'targets', 'weights'} each (B, H, W)."""
+    """Fine-tuning step of cfg.finetune.method: batch {'images', 'targets', 'weights'} each
+    (B, H, W); the loss terms come back in info['terms']."""
     fc = cfg.finetune
 
     def loss_fn(params: Params, batch: dict[str, jax.Array], key: jax.Array):
-        loss, terms = vwsl_loss(
+        loss, terms = finetune_loss(
             params,
             batch["images"],
             batch["targets"],
@@ -144,10 +178,26 @@ def finetune(
         t, w = targets_from_probs(probs, fc.target_reduce, fc.weight_kind)
         return {"targets": np.asarray(t), "weights": np.asarray(w)}
 
-    def snapshot(epoch: int, p: Params) -> None:
-        if fc.snapshot_every > 0 and (epoch + 1) % fc.snapshot_every == 0:
+    check_images = data.images[: fc.check_images]
+    check_predict = make_predict(cfg.model, fc.check_samples) if fc.check_every > 0 else None
+    check_key = jax.random.fold_in(root, CHECK_KEY)  # the same draws at every check
+
+    def check(p: Params) -> dict[str, float]:
+        return label_free_check(predict_dataset(check_predict, p, check_images, check_key))
+
+    if fc.check_every > 0 and not resume:
+        ckpt.write_json(out / "guard.json", {"source": check(params)})
+
+    def on_epoch_end(epoch: int, p: Params) -> dict[str, float] | None:
+        done = epoch + 1
+        if fc.snapshot_every > 0 and done % fc.snapshot_every == 0:
             (out / "snapshots").mkdir(exist_ok=True)
-            ckpt.save_weights(p, out / "snapshots" / f"epoch{epoch + 1:04d}.npz")
+            ckpt.save_weights(p, out / "snapshots" / f"epoch{done:04d}.npz")
+        if fc.check_every > 0 and (done % fc.check_every == 0 or done == fc.epochs):
+            (out / "snapshots").mkdir(exist_ok=True)
+            ckpt.save_weights(p, out / "snapshots" / f"epoch{done:04d}.npz")
+            return {f"check_{k}": v for k, v in check(p).items()}
+        return None
 
     state = TrainState(params, make_optimizer(fc).init(params), jax.numpy.zeros((), "int32"))
     summary = fit(
@@ -165,8 +215,11 @@ def finetune(
         schedule=make_optimizer_schedule(fc),
         log=log,
         summary_extra={"finetune_source": data.source, "source_run": fc.source_run},
-        on_epoch_end=snapshot,
+        on_epoch_end=on_epoch_end,
     )
+    if summary["finished"] and fc.check_every > 0:
+        summary.update(apply_verdict(out, params, fc))
+        ckpt.write_json(out / "run.json", summary)
     if summary["finished"] and uncertainty_after:
         _, final = ckpt.load_run(out)
         ukey = jax.random.fold_in(root, UNCERTAINTY_KEY)

@@ -51,8 +51,22 @@ class TrainState(NamedTuple):
 
 
 def make_optimizer(tc: TrainConfig | FinetuneConfig) -> optax.GradientTransformation:
-    """Adam with the learning rate decayed by tc.lr_decay every step."""
-    return optax.adam(make_optimizer_schedule(tc), b1=tc.beta1, b2=tc.beta2)
+    """Adam with the learning rate decayed by tc.lr_decay every step; a fine-tuning config
+    with update='norm' changes only the batch-norm scale and shift (TENT), the rest stays."""
+    adam = optax.adam(make_optimizer_schedule(tc), b1=tc.beta1, b2=tc.beta2)
+    if getattr(tc, "update", "all") == "all":
+        return adam
+    return optax.multi_transform({"train": adam, "freeze": optax.set_to_zero()}, norm_labels)
+
+
+def norm_labels(params: Params) -> Params:
+    """'train' for the batch-norm leaves (scale, bias under 'norm'), 'freeze' for the others."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: (
+            "train" if any(getattr(k, "key", None) == "norm" for k in path) else "freeze"
+        ),
+        params,
+    )
 
 
 def init_state(cfg: RunConfig, params: Params | None = None) -> TrainState:

@@ -45,6 +45,8 @@ def targets_from_probs(
         w = 1.0 - 2.0 * xp.std(probs, axis=0)
     elif weight_kind == "var":
         w = 1.0 - 4.0 * xp.var(probs, axis=0)
+    elif weight_kind == "none":  # plain pseudo-labels: every pixel counts fully
+        w = xp.ones_like(center)
     else:
         raise ValueError(f"unknown weight kind {weight_kind!r}")
     return target, xp.clip(w, 0.0, 1.0).astype(xp.float32)
@@ -113,6 +115,84 @@ def vwsl_terms(
         "cons1": l1_sigmoid(s1a[..., 1], s1b[..., 1]),
         "cons2": l1_sigmoid(o2a[..., 1], o2b[..., 1]) / LEVEL2_CONSISTENCY_DIVISOR,
     }
+
+
+def binary_entropy(p: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Mean binary entropy (nats) of probabilities p (any shape), clipped to [eps, 1 - eps]."""
+    p = jnp.clip(p, eps, 1.0 - eps)
+    return jnp.mean(-(p * jnp.log(p) + (1.0 - p) * jnp.log1p(-p)))
+
+
+def entropy_terms(
+    params: Params,
+    images: jax.Array,
+    *,
+    cfg: ModelConfig,
+    keys: tuple[jax.Array, jax.Array, jax.Array],
+    patch_yx: jax.Array,
+    unroll: bool | str = True,
+) -> dict[str, jax.Array]:
+    """TENT-style term for images (B, H, W): level 1 once (keys[0]), level 2 twice (keys[1],
+    keys[2]) from the same state on the patches patch_yx (B, 2); returns {'entropy'}: the
+    binary entropy of the mean of the two level-2 probabilities."""
+    image = as_nhwc(images)
+    low = downscale(image, cfg.downscale)
+    s1 = rollout(
+        params["level1"], seed_state(low, cfg.channels), low, cfg=cfg, unroll=unroll, key=keys[0]
+    )
+    full = jnp.concatenate([image, upscale(s1, cfg.downscale)[..., 1:]], axis=-1)
+    patch = crop_patches(full, patch_yx, cfg.patch)
+    oa = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=unroll, key=keys[1])
+    ob = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=unroll, key=keys[2])
+    mean = 0.5 * (jax.nn.sigmoid(oa[..., 1]) + jax.nn.sigmoid(ob[..., 1]))
+    return {"entropy": binary_entropy(mean)}
+
+
+def finetune_loss(
+    params: Params,
+    images: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    cfg: ModelConfig,
+    fc: FinetuneConfig,
+    key: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss of fc.method on a batch (B, H, W), all randomness from `key`: 'vwsl' as
+    vwsl_loss; 'pseudo-label' = the segmentation loss to the targets with w = 1 and no
+    consistency term (level 1 and 2 run once); 'entropy' as entropy_terms (targets, weights
+    unused). Returns (loss, terms)."""
+    if fc.method == "vwsl":
+        return vwsl_loss(params, images, targets, weights, cfg=cfg, fc=fc, key=key)
+    yx = draw_patch_corners(key, cfg, images.shape[0], images.shape[1])
+    k = [jax.random.fold_in(key, t) for t in (KEY_A1, KEY_A2, KEY_B2)]
+    if fc.method == "entropy":
+        terms = entropy_terms(
+            params, images, cfg=cfg, keys=tuple(k), patch_yx=yx, unroll=cfg.unroll
+        )
+        return terms["entropy"], terms
+    if fc.method == "pseudo-label":
+        image = as_nhwc(images)
+        low = downscale(image, cfg.downscale)
+        s1 = rollout(
+            params["level1"],
+            seed_state(low, cfg.channels),
+            low,
+            cfg=cfg,
+            unroll=cfg.unroll,
+            key=k[0],
+        )
+        full = jnp.concatenate([image, upscale(s1, cfg.downscale)[..., 1:]], axis=-1)
+        patch = crop_patches(full, yx, cfg.patch)
+        o2 = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=cfg.unroll, key=k[1])
+        seg = segmentation_loss(
+            o2[..., 1],
+            crop_patches(targets, yx, cfg.patch),
+            kind=fc.loss,
+            focal_gamma=fc.focal_gamma,
+        )
+        return seg, {"seg": seg}
+    raise ValueError(f"unknown fine-tuning method {fc.method!r}")
 
 
 def vwsl_loss(

@@ -269,7 +269,7 @@ def test_vwsl_raises_dice_on_a_domain_shifted_toy(tmp_path):
         probs = predict_dataset(predict, p, shifted.images, jax.random.key(5))
         return validation_dice(probs, target.masks)
 
-    fc = FinetuneConfig(epochs=10, batch_size=8, lr=1e-3, gamma=1.0, samples=10)
+    fc = FinetuneConfig(epochs=10, batch_size=8, lr=1e-3, gamma=1.0, samples=10, check_every=0)
     finetune(cfg, params, shifted, tmp_path / "ft", fc, progress=False, uncertainty_after=False)
     _, tuned = ckpt.load_run(tmp_path / "ft")
     before, after = score(params), score(tuned)

@@ -1,0 +1,110 @@
+"""Label-free safety net for fine-tuning on unlabelled images: checks, selection, rollback.
+
+Fine-tuning without labels can make a model worse with nothing to show it; VWSL in particular
+has a trivial fixed point (an empty or full mask agrees with itself in every sample). So every
+few epochs the model is checked on the unlabelled images alone, and at the end either the last
+acceptable check is kept ('adapted') or the source weights are ('rolled back').
+
+A check is computed from S stochastic predictions probs (S, N, H, W) of N images:
+  area      mean share of each image marked as foreground (0.5-threshold of the median),
+  quality   mean M3D-NCA quality score (sum of the per-pixel std / sum of the mean; lower = surer),
+  agreement mean Dice between pairs of samples (1 = every sample gives the same mask).
+A check is acceptable when area / source area lies in [area_min_ratio, area_max_ratio] (an
+anatomical prior: both lungs cover a similar share of a chest X-ray at any hospital) and
+quality <= (1 - min_quality_gain) x the source's quality. No target label is ever read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+
+from nca_jax.config import FinetuneConfig
+from nca_jax.metrics import dice, foreground_fraction, quality_score
+
+VERDICTS = ("adapted", "rolled back")
+
+
+def label_free_check(probs: np.ndarray) -> dict[str, float]:
+    """probs (S, N, H, W) in [0, 1], S >= 2 -> {'area', 'quality', 'agreement'} (see module)."""
+    p = np.asarray(probs)
+    if p.ndim != 4 or p.shape[0] < 2:
+        raise ValueError(f"expected probs (S >= 2, N, H, W), got {p.shape}")
+    areas, quals, agree = [], [], []
+    for i in range(p.shape[1]):
+        areas.append(foreground_fraction(p[:, i], "median"))
+        q = quality_score(p[:, i])
+        quals.append(q if math.isfinite(q) else 1e6)  # spread without a mean: worst
+        masks = p[:, i] > 0.5
+        agree.append(np.mean([dice(a, b) for a, b in itertools.combinations(masks, 2)]))
+    return {
+        "area": float(np.mean(areas)),
+        "quality": float(np.mean(quals)),
+        "agreement": float(np.mean(agree)),
+    }
+
+
+def judge(check: dict[str, float], source: dict[str, float], fc: FinetuneConfig) -> list[str]:
+    """Why `check` is not acceptable against the source model's check (empty list = it is)."""
+    why = []
+    if source["area"] <= 0.0:
+        ratio = math.inf if check["area"] > 0 else 1.0
+    else:
+        ratio = check["area"] / source["area"]
+    if not fc.area_min_ratio <= ratio <= fc.area_max_ratio:
+        why.append(
+            f"predicted lung share {check['area']:.1%} is x{ratio:.2f} the source's "
+            f"{source['area']:.1%} (allowed x{fc.area_min_ratio:g}-x{fc.area_max_ratio:g})"
+        )
+    limit = (1.0 - fc.min_quality_gain) * source["quality"]
+    if check["quality"] > limit:
+        why.append(
+            f"quality score {check['quality']:.4f} is not below the source's "
+            f"{source['quality']:.4f}"
+            + (f" x{1 - fc.min_quality_gain:g}" if fc.min_quality_gain else "")
+        )
+    return why
+
+
+def choose(
+    checks: list[dict[str, Any]], source: dict[str, float], fc: FinetuneConfig
+) -> dict[str, Any]:
+    """The verdict from the checks [{'epoch': e (1-based epochs done), 'area', 'quality',
+    'agreement'}, ...] against the source's check: the acceptable check with the most epochs
+    ('adapted'), else 'rolled back' (epoch None) when fc.rollback, else the last check kept
+    anyway ('adapted', with the reasons it failed). Returns {'verdict', 'epoch', 'criterion'}."""
+    judged = [(c, judge(c, source, fc)) for c in sorted(checks, key=lambda c: c["epoch"])]
+    ok = [c for c, why in judged if not why]
+    criterion: dict[str, Any] = {
+        "rule": (
+            f"area within x{fc.area_min_ratio:g}-x{fc.area_max_ratio:g} of the source's and "
+            f"quality <= {1 - fc.min_quality_gain:g} x the source's; latest such check"
+        ),
+        "source": source,
+        "checks": [{**c, "acceptable": not why, "why_not": why} for c, why in judged],
+    }
+    if ok:
+        best = ok[-1]
+        return {"verdict": "adapted", "epoch": int(best["epoch"]), "criterion": criterion}
+    if fc.rollback or not judged:
+        return {"verdict": "rolled back", "epoch": None, "criterion": criterion}
+    return {"verdict": "adapted", "epoch": int(judged[-1][0]["epoch"]), "criterion": criterion}
+
+
+def verdict_line(decision: dict[str, Any]) -> str:
+    """One line for the end of finetune.py: 'adapted: ...' or 'rolled back: ...'."""
+    src = decision["criterion"]["source"]
+    figs = f"source area {src['area']:.1%}, quality {src['quality']:.4f}"
+    if decision["verdict"] == "rolled back":
+        last = decision["criterion"]["checks"][-1] if decision["criterion"]["checks"] else None
+        why = "; ".join(last["why_not"]) if last else "no check was made"
+        return f"rolled back: no acceptable label-free check ({figs}; last check: {why})"
+    chk = next(c for c in decision["criterion"]["checks"] if c["epoch"] == decision["epoch"])
+    return (
+        f"adapted: weights of epoch {decision['epoch']} (area {chk['area']:.1%}, quality "
+        f"{chk['quality']:.4f}, agreement {chk['agreement']:.3f}; {figs})"
+        + ("" if chk["acceptable"] else f"; kept without rollback although {chk['why_not']}")
+    )

@@ -1,0 +1,158 @@
+"""The label-free safety net (nca_jax/guard.py) and its use in finetune.py."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nca_jax.config import ConfigError, FinetuneConfig
+from nca_jax.guard import VERDICTS, choose, judge, label_free_check, verdict_line
+
+SOURCE = {"area": 0.25, "quality": 0.20, "agreement": 0.90}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny Med-NCA trained long enough on phantoms to mark some lung (source area > 0)."""
+    from nca_jax.config import ModelConfig, RunConfig, TrainConfig
+    from nca_jax.phantoms import make_phantom_dataset
+    from nca_jax.training import train_and_evaluate
+
+    cfg = RunConfig(
+        model=ModelConfig(channels=8, hidden=16, steps=4, patch=16),
+        train=TrainConfig(epochs=30, batch_size=4, image_size=32, lr=1e-2, checkpoint_every=30),
+    ).validate()
+    out = tmp_path_factory.mktemp("run") / "run"
+    train_and_evaluate(cfg, make_phantom_dataset(8, seed=1, size=32), out, progress=False)
+    return out
+
+
+def test_label_free_check_exact_values_on_a_tiny_input():
+    # 2 images of 2 x 2 pixels, 3 samples
+    probs = np.zeros((3, 2, 2, 2))
+    probs[:, 0, 0, 0] = [0.9, 0.8, 0.1]  # median 0.8 -> foreground; masks 1, 1, 0
+    probs[:, 1] = 0.0  # image 1: all empty in every sample
+    c = label_free_check(probs)
+    assert c["area"] == pytest.approx((1 / 4 + 0) / 2)
+    # image 0: std of (0.9, 0.8, 0.1) / mean sum; image 1: 0 / 0 -> 0
+    p = np.array([0.9, 0.8, 0.1])
+    assert c["quality"] == pytest.approx((p.std() / p.mean() + 0.0) / 2)
+    # image 0 pairs: (1,1) dice 1, (1,0) 0, (1,0) 0 -> 1/3; image 1: all empty -> 1
+    assert c["agreement"] == pytest.approx((1 / 3 + 1) / 2)
+    with pytest.raises(ValueError, match="S >= 2"):
+        label_free_check(probs[:1])
+
+
+def test_judge_catches_collapse_and_flood_and_no_gain():
+    fc = FinetuneConfig()
+    assert judge({"area": 0.24, "quality": 0.1, "agreement": 1}, SOURCE, fc) == []
+    empty = judge({"area": 0.0, "quality": 0.0, "agreement": 1}, SOURCE, fc)
+    assert len(empty) == 1 and "x0.00" in empty[0]
+    flood = judge({"area": 0.40, "quality": 0.1, "agreement": 1}, SOURCE, fc)
+    assert len(flood) == 1 and "x1.60" in flood[0]
+    worse = judge({"area": 0.25, "quality": 0.21, "agreement": 1}, SOURCE, fc)
+    assert len(worse) == 1 and "quality score" in worse[0]
+    strict = FinetuneConfig(min_quality_gain=0.6)
+    assert judge({"area": 0.25, "quality": 0.1, "agreement": 1}, SOURCE, strict)
+
+
+def test_choose_keeps_the_latest_acceptable_check_or_rolls_back():
+    fc = FinetuneConfig()
+    good = {"area": 0.26, "quality": 0.15, "agreement": 0.95}
+    empty = {"area": 0.01, "quality": 0.05, "agreement": 1.0}
+    checks = [{"epoch": 20, **good}, {"epoch": 40, **good}, {"epoch": 60, **empty}]
+    d = choose(checks, SOURCE, fc)
+    assert d["verdict"] == "adapted" and d["epoch"] == 40
+    assert [c["acceptable"] for c in d["criterion"]["checks"]] == [True, True, False]
+    assert verdict_line(d).startswith("adapted: weights of epoch 40")
+    d = choose([{"epoch": 20, **empty}], SOURCE, fc)
+    assert d["verdict"] == "rolled back" and d["epoch"] is None
+    assert verdict_line(d).startswith("rolled back: no acceptable label-free check")
+    d = choose([{"epoch": 20, **empty}], SOURCE, FinetuneConfig(rollback=False))
+    assert d["verdict"] == "adapted" and d["epoch"] == 20 and "although" in verdict_line(d)
+    assert choose([], SOURCE, fc)["verdict"] == "rolled back"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("area_min_ratio", math.nan),
+        ("area_max_ratio", -1.0),
+        ("lr_decay", 0.0),
+        ("lr_decay", math.inf),
+        ("beta1", 1.0),
+        ("method", "tent"),
+        ("update", "some"),
+        ("check_samples", 1),
+    ],
+)
+def test_bad_guard_and_method_fields_are_config_errors(field, value):
+    with pytest.raises(ConfigError, match=field.split("_")[0]):
+        FinetuneConfig(**{field: value}).validate()
+
+
+def test_a_collapse_is_caught_and_rolled_back(tiny_run, tmp_path, capsys):
+    """Entropy minimisation with a huge learning rate drives the tiny model to a constant
+    mask; the prior catches it and weights.npz is the source's again, bit for bit."""
+    from nca_jax import checkpoint as ckpt
+    from nca_jax.finetuning import finetune
+    from nca_jax.phantoms import make_phantom_dataset
+
+    cfg, params = ckpt.load_run(tiny_run)
+    data = make_phantom_dataset(4, seed=7, size=cfg.train.image_size)
+    fc = FinetuneConfig(
+        method="entropy",
+        epochs=4,
+        batch_size=4,
+        lr=0.5,
+        lr_decay=1.0,
+        samples=2,
+        check_every=2,
+        check_images=4,
+        check_samples=3,
+        seed=0,
+    )
+    s = finetune(cfg, params, data, tmp_path / "ft", fc, progress=False)
+    src = json.loads((tmp_path / "ft" / "guard.json").read_text())["source"]
+    checks = s["criterion"]["checks"]
+    assert [c["epoch"] for c in checks] == [2, 4]
+    assert s["verdict"] == "rolled back", (src, checks)
+    assert checks[-1]["area"] < 0.1 * src["area"]  # it did collapse ...
+    assert any("lung share" in w for w in checks[-1]["why_not"])  # ... and the prior saw it
+    _, final = ckpt.load_run(tmp_path / "ft")
+    a, b = ckpt.flatten_params(final), ckpt.flatten_params(params)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert s["verdict_line"].startswith("rolled back:")
+    assert json.loads((tmp_path / "ft" / "run.json").read_text())["verdict"] == "rolled back"
+
+
+def test_finetune_cli_ends_with_the_verdict_line(tiny_run, tmp_path, capsys):
+    from nca_jax import finetune_cli
+    from nca_jax.phantoms import write_phantom_folder
+
+    data = write_phantom_folder(tmp_path / "data", n=4, seed=4, size=32)
+    out = tmp_path / "ft"
+    argv = [
+        "--run",
+        str(tiny_run),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--samples",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
+    assert finetune_cli.main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    run = json.loads((out / "run.json").read_text())
+    assert run["verdict"] in VERDICTS and last.startswith(run["verdict"] + ":")
+    assert run["verdict_line"] == last and "rule" in run["criterion"]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "check_area" in rows[-1] and "term_seg" in rows[-1] and "term_cons1" in rows[-1]
+    assert (out / "snapshots" / "epoch0002.npz").exists()
