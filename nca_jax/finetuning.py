@@ -64,6 +64,17 @@ def area_warning(
     )
 
 
+def make_checker(cfg: RunConfig, images: np.ndarray) -> Callable[[Params], dict[str, float]]:
+    """The label-free check of cfg.finetune: params -> label_free_check of check_samples
+    predictions of the first check_images of images (N, H, W), with the same keys
+    (fold_in(key(seed), CHECK_KEY)) at every call, so checks differ only by the weights."""
+    fc = cfg.finetune
+    predict = make_predict(cfg.model, fc.check_samples)
+    key = jax.random.fold_in(jax.random.key(fc.seed), CHECK_KEY)
+    imgs = images[: fc.check_images]
+    return lambda p: label_free_check(predict_dataset(predict, p, imgs, key))
+
+
 def apply_verdict(out: Path, source_params: Params, fc: FinetuneConfig) -> dict[str, Any]:
     """Chooses the weights of a finished run in `out` from its label-free checks (guard.json
     and the check_* columns of metrics.jsonl) and writes them as weights.npz: the chosen
@@ -178,14 +189,8 @@ def finetune(
         t, w = targets_from_probs(probs, fc.target_reduce, fc.weight_kind)
         return {"targets": np.asarray(t), "weights": np.asarray(w)}
 
-    check_images = data.images[: fc.check_images]
-    check_predict = make_predict(cfg.model, fc.check_samples) if fc.check_every > 0 else None
-    check_key = jax.random.fold_in(root, CHECK_KEY)  # the same draws at every check
-
-    def check(p: Params) -> dict[str, float]:
-        return label_free_check(predict_dataset(check_predict, p, check_images, check_key))
-
-    if fc.check_every > 0 and not resume:
+    check = make_checker(cfg, data.images) if fc.check_every > 0 else None
+    if check is not None and not resume:
         ckpt.write_json(out / "guard.json", {"source": check(params)})
 
     def on_epoch_end(epoch: int, p: Params) -> dict[str, float] | None:
