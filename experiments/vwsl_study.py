@@ -69,6 +69,7 @@ class Source:
     run: str = ""
     weights: str = ""
     config: str = ""
+    model: dict = dataclasses.field(default_factory=dict)
     train: dict = dataclasses.field(default_factory=dict)
 
 
@@ -120,6 +121,7 @@ class Protocol:
     snapshot_every: int = 10  # epochs between kept weights (oracle and post-hoc checks)
     label_free_every: int = 20  # post-hoc checks: every K epochs (the in-run default)
     uncertainty_after: bool = False  # std maps after fine-tuning (10 predictions per image)
+    image_size: int = 256
 
     @staticmethod
     def load(path: str | Path) -> Protocol:
@@ -196,7 +198,7 @@ class Study:
             self._data[k] = load_split(
                 Path(self.a.data) / site,
                 Path(self.a.splits) / f"{split}.txt",
-                size=256,
+                size=self.p.image_size,
                 require_masks=masks,
             )
         return self._data[k]
@@ -213,7 +215,7 @@ class Study:
             cfg = load_config(s.config) if s.config else RunConfig()
             cfg = config_from_dict(
                 {
-                    "model": dataclasses.asdict(cfg.model),
+                    "model": {**dataclasses.asdict(cfg.model), **s.model},
                     "train": {**dataclasses.asdict(cfg.train), **s.train},
                 },
                 where=f"source {site}",
@@ -596,7 +598,11 @@ def main(argv: list[str] | None = None) -> int:
 
         jax.config.update("jax_compilation_cache_dir", a.compile_cache or f"{a.work}/.jax_cache")
     st = Study(a, proto)
-    rows, curves = collect(st, a)
+    try:
+        rows, curves = collect(st, a)
+    except (ConfigError, ckpt.RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     res = Path(a.results)
     res.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(res / "vwsl.json", rows)

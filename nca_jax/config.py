@@ -14,6 +14,24 @@ class ConfigError(ValueError):
     """A configuration file or value that cannot be used."""
 
 
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_fields(section: Any, name: str) -> None:
+    """Every field of the dataclass `section` has its declared type (int, float, bool, str; a
+    bool is not taken for a number) and every float is finite; else a ConfigError naming
+    `name.field`."""
+    for f in dataclasses.fields(section):
+        v = getattr(section, f.name)
+        types = _TYPES.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        if types is None:
+            continue
+        if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
+            raise ConfigError(f"{name}.{f.name} must be of type {f.type}, got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{name}.{f.name} must be finite, got {v}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Med-NCA architecture. Defaults are the paper's (26,432 parameters)."""
@@ -29,6 +47,9 @@ class ModelConfig:
     fast_backward: bool = True  # hand-written MLP/batch-norm gradient (same values, faster)
 
     def validate(self) -> None:
+        check_fields(self, "model")
+        if not (math.isfinite(self.bn_eps) and self.bn_eps > 0):
+            raise ConfigError(f"model.bn_eps must be positive, got {self.bn_eps}")
         if self.channels < 2:
             raise ConfigError("model.channels must be >= 2 (image + logits)")
         if self.hidden < 1 or self.steps < 1 or self.downscale < 1 or self.patch < 1:
@@ -66,6 +87,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def validate(self) -> None:
+        check_fields(self, "train")
+        if not 0 < self.lr_decay <= 1 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("train.lr_decay must lie in (0, 1], beta1 and beta2 in [0, 1)")
+        if self.focal_gamma < 0:
+            raise ConfigError(f"train.focal_gamma must be >= 0, got {self.focal_gamma}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("train.epochs and train.batch_size must be >= 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -135,6 +161,7 @@ class FinetuneConfig:
     source_run: str = ""  # the run it starts from (for the record)
 
     def validate(self) -> None:
+        check_fields(self, "finetune")
         for name in (
             "gamma",
             "lr",

@@ -117,7 +117,9 @@ def update_state(
         skip = aux
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    leaves = jax.tree_util.tree_leaves(grads)
+    # the loss, the gradients AND the updated parameters must be finite (an lr or decay that
+    # overflows makes finite gradients give non-finite weights)
+    leaves = jax.tree_util.tree_leaves((grads, params))
     finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves]))
     keep = finite & ~skip
     params, opt_state = jax.tree_util.tree_map(
@@ -375,7 +377,8 @@ def fit(
             if not bool(info["finite"]):
                 bar.close()
                 raise TrainingError(
-                    f"{out}: non-finite loss at step {int(state.step) - 1} (epoch {epoch}); "
+                    f"{out}: non-finite loss, gradient or weights at step "
+                    f"{int(state.step) - 1} (epoch {epoch}); "
                     f"stopped, last good checkpoint: step {last_good}"
                 )
             skipped += int(info["skipped"])

@@ -185,3 +185,100 @@ def test_time_to_dice_curves_and_cpu_projection(tmp_path):
     assert time_to_dice.main([*args, "--publish-only"]) == 0
     rows = json.loads((tmp_path / "results" / "time_to_dice.json").read_text())
     assert all(q["cpu_train_s"] is None for r in rows for q in r["curve"])
+
+
+@pytest.mark.slow
+def test_vwsl_study_runs_resumes_and_reports_every_method_and_selection(tmp_path):
+    data, splits = tmp_path / "data", tmp_path / "splits"
+    splits.mkdir()
+    for i, site in enumerate(("shenzhen", "montgomery")):
+        write_phantom_folder(data / site, n=8, seed=20 + i, size=32)
+        names = sorted(p.stem for p in (data / site / "images").iterdir())
+        ft = "finetune" if site == "shenzhen" else "train"
+        parts = {"train": names[:2], "val": names[2:3], "test": names[3:5], ft: names[5:7]}
+        for part, ns in parts.items():
+            (splits / f"{site}_{part}.txt").write_text("\n".join(ns) + "\n")
+    tiny = {"channels": 8, "hidden": 16, "steps": 2, "patch": 8}
+    train = {"epochs": 2, "batch_size": 2, "image_size": 32, "eval_every": 1}
+    ft = {
+        "epochs": 2,
+        "batch_size": 2,
+        "samples": 2,
+        "check_every": 0,
+        "check_images": 2,
+        "check_samples": 2,
+    }
+    proto = {
+        "sources": {s: {"model": tiny, "train": train} for s in ("shenzhen", "montgomery")},
+        "directions": [["shenzhen", "montgomery"], ["montgomery", "shenzhen"]],
+        "methods": [
+            {"name": "vwsl-authors", "finetune": ft, "seeds": [0, 1]},
+            {
+                "name": "vwsl-default",
+                "reuse": "vwsl-authors",
+                "finetune": {**ft, "check_every": 1},
+                "seeds": [0, 1],
+            },
+            {
+                "name": "pseudo-label",
+                "finetune": {**ft, "method": "pseudo-label", "weight_kind": "none", "gamma": 0.0},
+            },
+            {"name": "entropy", "finetune": {**ft, "method": "entropy", "update": "norm"}},
+        ],
+        "eval_samples": 2,
+        "oracle_samples": 1,
+        "n_target_images": 2,
+        "snapshot_every": 1,
+        "label_free_every": 1,
+        "image_size": 32,
+    }
+    (tmp_path / "p.json").write_text(json.dumps(proto))
+    cmd = _command("vwsl_study.py", tmp_path, data, splits)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "results" / "vwsl.json").read_text())
+    keys = {
+        "train_site",
+        "test_site",
+        "method",
+        "selection",
+        "seed",
+        "n_target_images",
+        "steps",
+        "dice_mean",
+        "dice_std",
+        "n",
+        "wall_s",
+    }
+    assert all(keys <= set(row) for row in rows), rows[0]
+    got = {(r["train_site"], r["method"], r["selection"], r["seed"]) for r in rows}
+    for src in ("shenzhen", "montgomery"):
+        assert (src, "med-nca", "last", 0) in got
+        for m, seeds in (
+            ("vwsl-authors", (0, 1)),
+            ("vwsl-default", (0, 1)),
+            ("pseudo-label", (0,)),
+            ("entropy", (0,)),
+        ):
+            for sel in ("last", "label-free", "oracle"):
+                assert all((src, m, sel, s) in got for s in seeds), (src, m, sel)
+    # vwsl-default reused the authors' runs: no run folder of its own
+    assert not list((tmp_path / "work").glob("ft-vwsl-default-*"))
+    lf = [r for r in rows if r["selection"] == "label-free"]
+    assert all(r["verdict"] in ("adapted", "rolled back") for r in lf)
+    roll = [r for r in lf if r["verdict"] == "rolled back"]
+    base = {
+        (r["train_site"], r["test_site"]): r["dice_mean"] for r in rows if r["method"] == "med-nca"
+    }
+    assert all(r["dice_mean"] == base[(r["train_site"], r["test_site"])] for r in roll)
+    md = (tmp_path / "results" / "vwsl.md").read_text()
+    assert "| shenzhen | montgomery | vwsl-authors | last |" in md
+    # resumable: a second invocation computes nothing new and gives the same rows
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "results" / "vwsl.json").read_text()) == rows
+    # a method that trains differently cannot reuse another's runs
+    proto["methods"][1]["finetune"] = {**ft, "gamma": 5.0}
+    (tmp_path / "p.json").write_text(json.dumps(proto))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: method vwsl-default cannot")

@@ -97,7 +97,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, phan
     bad_images[:] = np.nan
     bad = Dataset(phantoms.names, bad_images, phantoms.masks, "nan-images")
     with pytest.raises(
-        TrainingError, match=r"non-finite loss at step 2 .*last good checkpoint: step 2"
+        TrainingError,
+        match=r"non-finite loss, gradient or weights at step 2 .*last good checkpoint: step 2",
     ):
         train_and_evaluate(tiny_cfg, bad, tmp_path / "r", resume=True, progress=False)
     assert good == 2
