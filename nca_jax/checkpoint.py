@@ -97,6 +97,11 @@ def load_run(
     return cfg, load_weights(wpath, cfg)
 
 
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copies src to dst through a temporary name beside dst, then renames it into place."""
+    atomic_write_bytes(dst, Path(src).read_bytes())
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """JSON (indented), written atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
@@ -109,6 +114,18 @@ def checkpoint_manager(directory: str | os.PathLike, keep: int) -> ocp.Checkpoin
         Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
     )
+
+
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a finished orbax checkpoint (creates nothing)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return False
+    mngr = checkpoint_manager(d, 1)
+    try:
+        return mngr.latest_step() is not None
+    finally:
+        mngr.close()
 
 
 def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:

@@ -100,6 +100,8 @@ class TrainConfig:
             raise ConfigError(f"train.loss must be 'dice_bce' or 'dice_focal', got {self.loss!r}")
         if self.checkpoint_every < 1 or self.eval_every < 1 or self.eval_samples < 1:
             raise ConfigError("train.checkpoint_every, eval_every, eval_samples must be >= 1")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("train.keep_checkpoints must be >= 1 (else a run cannot resume)")
         if self.schedule not in ("exponential", "cosine"):
             raise ConfigError(
                 f"train.schedule must be 'exponential' or 'cosine', got {self.schedule!r}"
@@ -200,6 +202,11 @@ class FinetuneConfig:
             raise ConfigError("finetune.weight_kind must be 'std', 'var' or 'none'")
         if self.loss not in ("dice_bce", "dice_focal"):
             raise ConfigError("finetune.loss must be 'dice_bce' or 'dice_focal'")
+        if self.keep_checkpoints < 1 or self.checkpoint_every < 1:
+            raise ConfigError(
+                "finetune.keep_checkpoints and checkpoint_every must be >= 1 (else a run "
+                "cannot resume)"
+            )
         if self.refresh_every < 0 or self.snapshot_every < 0:
             raise ConfigError("finetune.refresh_every and snapshot_every must be >= 0")
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,9 +90,9 @@ def apply_verdict(out: Path, source_params: Params, fc: FinetuneConfig) -> dict[
         ckpt.save_weights(source_params, out / "weights.npz")
         weights = "source weights (rolled back)"
     else:
-        snap = out / "snapshots" / f"epoch{decision['epoch']:04d}.npz"
-        shutil.copyfile(snap, out / ".weights.npz.tmp")
-        os.replace(out / ".weights.npz.tmp", out / "weights.npz")
+        ckpt.atomic_copy(
+            out / "snapshots" / f"epoch{decision['epoch']:04d}.npz", out / "weights.npz"
+        )
         weights = f"epoch {decision['epoch']} (label-free check)"
     return {
         "verdict": decision["verdict"],
@@ -162,8 +160,11 @@ def finetune(
     target_key = jax.random.fold_in(root, TARGET_KEY)
 
     carried: dict[str, np.ndarray] = {}
-    if not resume:  # targets from the source model, computed once (saved in the checkpoints)
-        if (out / "config.json").exists():
+    if resume and not (out / "config.json").is_file():
+        raise ckpt.RunError(f"{out}: nothing to resume (not a run folder)")
+    restart = resume and not ckpt.has_checkpoint(out / "checkpoints")  # killed before one
+    if not resume or restart:  # targets from the source model, computed once (checkpointed)
+        if (out / "config.json").exists() and not restart:
             raise ckpt.RunError(f"{out}: already holds a run (use --resume or another --out)")
         probs_before = sample(params, cfg, data.images, target_key)
         t, w = targets_from_probs(probs_before, fc.target_reduce, fc.weight_kind)
@@ -190,7 +191,7 @@ def finetune(
         return {"targets": np.asarray(t), "weights": np.asarray(w)}
 
     check = make_checker(cfg, data.images) if fc.check_every > 0 else None
-    if check is not None and not resume:
+    if check is not None and (not resume or restart):
         ckpt.write_json(out / "guard.json", {"source": check(params)})
 
     def on_epoch_end(epoch: int, p: Params) -> dict[str, float] | None:

@@ -329,16 +329,20 @@ def fit(
         raise TrainingError(
             f"{out}: batch size {batch} is not divisible by the {mesh.devices.size} devices"
         )
+    if resume and not (out / "config.json").is_file():
+        raise ckpt.RunError(f"{out}: nothing to resume (not a run folder)")
+    if resume and load_config(out / "config.json") != cfg:
+        raise ckpt.RunError(f"{out}: --resume with a config that differs from config.json")
     out.mkdir(parents=True, exist_ok=True)
     mngr = ckpt.checkpoint_manager(out / "checkpoints", loop.keep_checkpoints)
     metrics_path = out / "metrics.jsonl"
     start_epoch, best = 0, {"val_dice": -1.0, "epoch": None}
-    if resume:
-        if mngr.latest_step() is None:
-            raise ckpt.RunError(f"{out}: nothing to resume (no checkpoint)")
-        saved = load_config(out / "config.json")
-        if saved != cfg:
-            raise ckpt.RunError(f"{out}: --resume with a config that differs from config.json")
+    if resume and mngr.latest_step() is None:  # killed before its first checkpoint: start over
+        log(f"{out}: no checkpoint yet, starting the run from the beginning")
+        resume = False
+        metrics_path.unlink(missing_ok=True)
+        (out / "weights_best.npz").unlink(missing_ok=True)
+    elif resume:
         like = {"state": state, "best": _best_like(), "carried": carried}
         restored = ckpt.restore_checkpoint(mngr, like)
         state = TrainState(*restored["state"])
@@ -348,9 +352,9 @@ def fit(
         start_epoch = int(state.step) // per_epoch
         _truncate_metrics(metrics_path, start_epoch - 1)
         log(f"resuming {out} at epoch {start_epoch} (step {int(state.step)})")
+    elif (out / "config.json").exists() or mngr.latest_step() is not None:
+        raise ckpt.RunError(f"{out}: already holds a run (use --resume or another --out)")
     else:
-        if (out / "config.json").exists() or mngr.latest_step() is not None:
-            raise ckpt.RunError(f"{out}: already holds a run (use --resume or another --out)")
         metrics_path.unlink(missing_ok=True)
     save_config(cfg, out / "config.json")
 
@@ -439,7 +443,8 @@ def fit(
     }
     if finished:
         if val is not None and (out / "weights_best.npz").exists():
-            (out / "weights_best.npz").replace(out / "weights.npz")
+            # copied, not moved: resuming a finished run must find the best weights again
+            ckpt.atomic_copy(out / "weights_best.npz", out / "weights.npz")
             summary["weights"] = f"best validation Dice (epoch {best['epoch']})"
         else:
             ckpt.save_weights(state.params, out / "weights.npz")
