@@ -29,6 +29,7 @@ from PIL import Image
 
 from nca_jax.config import atomic_write_bytes, atomic_write_text
 from nca_jax.data import DataError, Dataset, load_folder, load_split
+from nca_jax.paths import check_output_folder
 
 PAPER_TRAIN_EPOCHS, PAPER_FINETUNE_EPOCHS, PAPER_IMAGES = 1500, 100, 50
 
@@ -183,8 +184,14 @@ def _epochs(
     return times, float(np.median(warm))
 
 
-def _open(a: argparse.Namespace, masks: bool) -> tuple[TFLiteModel, Dataset, Path]:
-    """The model file (with --weights loaded), the data at its size, the output folder."""
+def _open(
+    a: argparse.Namespace, masks: bool, marker: str = "run.json"
+) -> tuple[TFLiteModel, Dataset, Path]:
+    """The model file (with --weights loaded), the data at its size, the output folder (checked
+    first: not an input, and only a folder holding `marker` that this module wrote is reused)."""
+    check_output_folder(
+        a.out, (a.model, a.data, a.split, a.weights), marker=marker, what="output folder"
+    )
     model = TFLiteModel(a.model)
     if a.weights:
         model.set_weights(read_weights(a.weights), a.weights)
@@ -275,7 +282,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    model, data, out = _open(a, masks=False)
+    model, data, out = _open(a, masks=False, marker="predict.json")
     images = nhwc(data.images)
     n = len(data)
     pad = (-n) % model.batch  # fill the last batch with copies; their outputs are dropped
@@ -291,7 +298,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
                 break
             _png(out / "pred" / f"{data.names[i]}.png", (r["mean"][j, ..., 0] > 0.5) * 255)
             _png(out / "std" / f"{data.names[i]}.png", np.clip(r["std"][j, ..., 0] * 510, 0, 255))
-    print(json.dumps({"images": n, "sample_s": float(np.median(times)), "out": str(out)}))
+    record = {"images": n, "sample_s": float(np.median(times)), "out": str(out)}
+    atomic_write_text(out / "predict.json", json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record))
     return 0
 
 

@@ -29,6 +29,7 @@ from nca_jax.config import RunConfig
 from nca_jax.data import Dataset, load_folder, load_split
 from nca_jax.metrics import case_metrics, summarize
 from nca_jax.model import Params
+from nca_jax.paths import check_output_folder
 from nca_jax.training import make_predict, predict_dataset
 
 STD_DISPLAY_MAX = 0.5  # the largest possible std of a probability: maps to white / top colour
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     a.chunk = a.chunk or max(1, 10 // max(a.samples, 1))
     if a.samples < 1 or a.chunk < 1:
         raise ckpt.RunError("--samples and --chunk must be >= 1")
-    out = Path(a.out)
+    inputs = (a.run, a.weights, a.data, a.split, a.chexmask)
+    out = check_output_folder(a.out, inputs, marker="summary.json", what="evaluation folder")
     if out.exists() and any(out.iterdir()) and not a.overwrite:
         raise ckpt.RunError(f"{out}: exists and is not empty (use --overwrite)")
     cfg, params = ckpt.load_run(a.run, a.weights)

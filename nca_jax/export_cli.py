@@ -10,6 +10,7 @@ from nca_jax import checkpoint as ckpt
 from nca_jax.cli import run_cli
 from nca_jax.config import ConfigError, load_config
 from nca_jax.export import SIGNATURES, ExportError, ExportSpec, export
+from nca_jax.paths import check_output_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    check_output_file(a.out, (a.run, a.weights, a.config))  # before the slow conversion
     spec = ExportSpec(
         batch=a.batch,
         size=a.size,

@@ -13,6 +13,7 @@ from nca_jax.cli import run_cli
 from nca_jax.config import ConfigError, FinetuneConfig, load_config
 from nca_jax.data import load_folder, load_split
 from nca_jax.finetuning import finetune
+from nca_jax.paths import check_output_folder
 from nca_jax.training import TrainingError
 
 
@@ -101,7 +102,8 @@ def build_config(a: argparse.Namespace) -> FinetuneConfig:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    out = Path(a.out)
+    inputs = (a.run, a.weights, a.data, a.split, a.config)
+    out = check_output_folder(a.out, inputs, marker="config.json", what="run folder")
     if a.resume and (out / "config.json").exists():
         saved = load_config(out / "config.json")
         if saved.finetune is None:

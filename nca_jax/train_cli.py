@@ -9,6 +9,7 @@ from pathlib import Path
 from nca_jax.cli import run_cli
 from nca_jax.config import RunConfig, load_config, with_overrides
 from nca_jax.data import Dataset, load_folder, load_split
+from nca_jax.paths import check_output_folder
 from nca_jax.phantoms import make_phantom_dataset
 from nca_jax.training import TrainingError, train_and_evaluate
 
@@ -69,6 +70,8 @@ def _warn_stderr(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    inputs = (a.data, a.split, a.val, a.val_split, a.config, a.chexmask)
+    check_output_folder(a.out, inputs, marker="config.json", what="run folder")
     if a.resume and a.config is None and (Path(a.out) / "config.json").exists():
         cfg = load_config(Path(a.out) / "config.json")
     else:
