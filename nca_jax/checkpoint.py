@@ -8,7 +8,6 @@ selected and why) and, while training, `checkpoints/` (orbax: parameters, Adam s
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from nca_jax.config import (
     atomic_write_bytes,
     atomic_write_text,
     load_config,
+    to_json,
 )
 from nca_jax.model import Params, init_params
 
@@ -104,7 +104,7 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """JSON (indented), written atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+    atomic_write_text(path, to_json(obj, indent=2) + "\n")
 
 
 def checkpoint_manager(directory: str | os.PathLike, keep: int) -> ocp.CheckpointManager:

@@ -271,6 +271,25 @@ def load_config(path: str | os.PathLike) -> RunConfig:
         raise ConfigError(f"{path}: {e}") from e
 
 
+def json_safe(obj: Any) -> Any:
+    """obj with every non-finite float (NaN, inf) replaced by None and numpy scalars and arrays
+    made plain, so that json.dumps writes valid JSON (null, never a bare NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, str):  # numpy / jax scalars and arrays
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def to_json(obj: Any, indent: int | None = None) -> str:
+    """Valid JSON of obj (see json_safe): non-finite numbers become null."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes `data` to a temporary name beside `path`, then renames it into place."""
     path = Path(path)

@@ -253,7 +253,8 @@ def load_mask(
     """Reads one lung mask as (size, size) float32 in {0, 1}.
 
     Binarisation rule: a mask with at most two distinct values, the lower being 0, is binary and
-    its foreground is value > 0 (so 0/1, 0/255 and 0/65535 masks all work). Any other mask (e.g. a
+    its foreground is value > 0 (so 0/1, 0/255 and 0/65535 masks all work); a mask of one value
+    is all background (0) or all foreground (any other value). Any other mask (e.g. a
     JPEG with compression noise, or 0/1/2 labels) is binarised at half the dtype's range: >= 128
     for 8-bit, >= 32768 for 16-bit/32-bit integer, >= 0.5 for float; `warn` (default
     warnings.warn) is then called with a one-line message naming the file. Colour masks are read
@@ -291,7 +292,9 @@ def read_mask_native(
         raise DataError(f"{path}: mask contains NaN or infinite values")
 
     lo, hi = values.min(), values.max()
-    if lo == 0 and bool(np.all((values == lo) | (values == hi))):
+    if lo == hi:  # one value: all background (0) or, by the same rule, all foreground (> 0)
+        mask = values > 0
+    elif lo == 0 and bool(np.all((values == lo) | (values == hi))):
         mask = values > 0
     else:
         threshold = _half_range(values)

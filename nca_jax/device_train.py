@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nca_jax.config import atomic_write_bytes, atomic_write_text
+from nca_jax.config import atomic_write_bytes, atomic_write_text, to_json
 from nca_jax.data import DataError, Dataset, load_folder, load_split
 from nca_jax.paths import check_output_folder
 
@@ -127,7 +127,7 @@ def write_run(out: Path, model: TFLiteModel, record: dict[str, Any]) -> None:
     np.savez(buf, **model.get_weights())
     atomic_write_bytes(out / "weights.npz", buf.getvalue())
     atomic_write_text(out / "config.json", json.dumps(model.info["config"], indent=2) + "\n")
-    atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=float) + "\n")
+    atomic_write_text(out / "run.json", to_json(record, indent=2) + "\n")
 
 
 def load_data(a: argparse.Namespace, size: int, masks: bool) -> Dataset:

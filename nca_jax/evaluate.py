@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -108,6 +109,26 @@ def evaluate(
     return out
 
 
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Deletes the hidden temporary folders `.OUT.PID.*` beside `out` that an evaluation killed
+    before its rename left behind (PID no longer running); returns what it removed."""
+    gone = []
+    for p in out.parent.glob(f".{out.name}.*.*"):
+        pid = p.name[len(out.name) + 2 :].split(".", 1)[0]
+        if not (p.is_dir() and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running: another evaluation's work in progress
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p)
+    return gone
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a trained Med-NCA run on a folder.")
     p.add_argument("--run", required=True, help="run folder (config.json + weights.npz)")
@@ -161,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         data = load_split(a.data, a.split, **kw) if a.split else load_folder(a.data, **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
     try:
         png_dir = None
         if not a.no_png:

@@ -29,6 +29,7 @@ from nca_jax.config import (
     atomic_write_text,
     load_config,
     save_config,
+    to_json,
 )
 from nca_jax.data import Dataset
 from nca_jax.losses import segmentation_loss
@@ -319,6 +320,8 @@ def fit(
     carried = dict(carried or {})
     n = len(next(iter(fixed.values())))
     batch = min(loop.batch_size, n)
+    if batch < loop.batch_size:
+        log(f"warning: batch size {loop.batch_size} but only {n} examples: batches of {n}")
     per_epoch = n // batch
     root = jax.random.key(loop.seed)
     data_key, step_key = jax.random.fold_in(root, DATA_KEY), jax.random.fold_in(root, STEP_KEY)
@@ -418,7 +421,7 @@ def fit(
             if stop_at_val_dice is not None and row["val_dice"] >= stop_at_val_dice:
                 end_epoch, last = epoch + 1, True  # reached: stop here, resumable
         with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(to_json(row) + "\n")
         if (epoch + 1) % loop.checkpoint_every == 0 or last:
             tree = {"state": state, "best": _best_arrays(best), "carried": carried}
             ckpt.save_checkpoint(mngr, int(state.step), tree)

@@ -78,3 +78,22 @@ def test_an_update_that_makes_the_weights_non_finite_is_not_kept():
     assert jnp.array_equal(new.params["w"], params["w"])
     ok, info = update_state(optax.sgd(0.1), loss_fn, state, {}, None)
     assert bool(info["finite"]) and not jnp.array_equal(ok.params["w"], params["w"])
+
+
+def test_json_files_hold_null_never_a_bare_nan(tmp_path):
+    import numpy as np
+
+    from nca_jax.checkpoint import write_json
+
+    def strict(text):
+        def refuse(c):
+            raise ValueError(f"bare {c}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    path = tmp_path / "s.json"
+    write_json(
+        path,
+        {"dice_mean": math.nan, "hd95": [1.0, math.inf], "n": np.int64(3), "std": np.float32(0.5)},
+    )
+    assert strict(path.read_text()) == {"dice_mean": None, "hd95": [1.0, None], "n": 3, "std": 0.5}

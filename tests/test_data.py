@@ -204,6 +204,16 @@ def test_binary_masks_0_1_and_0_255(tmp_path: Path, value: int) -> None:
     assert set(np.unique(full)) == {0.0, 1.0}
 
 
+@pytest.mark.parametrize("value, expected", [(0, 0.0), (1, 1.0), (255, 1.0), (65535, 1.0)])
+def test_a_mask_of_one_value_is_all_background_or_all_foreground(
+    tmp_path: Path, value: int, expected: float
+) -> None:
+    dtype = np.uint16 if value > 255 else np.uint8
+    path = _save(tmp_path / "m.png", np.full((6, 6), value, dtype))
+    mask = load_mask(path, size=6, warn=pytest.fail)
+    np.testing.assert_array_equal(mask, np.full((6, 6), expected, np.float32))
+
+
 def test_16_bit_binary_mask(tmp_path: Path) -> None:
     mask = _mask().astype(np.uint16) * 257  # 0 / 65535
     out = load_mask(_save(tmp_path / "m.png", mask), size=8, warn=pytest.fail)

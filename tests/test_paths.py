@@ -4,6 +4,7 @@ folder that cannot be created ends in one line and exit code 2 before any work, 
 is written or deleted."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,26 @@ def test_device_train_refuses_foreign_folders_and_inputs(world, tmp_path, capsys
             capsys,
         )
         assert code == 2 and why in err, err
+
+
+def test_a_killed_evaluations_temporary_folder_is_cleaned_up(tmp_path):
+    import subprocess
+    import sys
+
+    from nca_jax.evaluate import remove_stale_temporaries
+
+    out = tmp_path / "ev"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = tmp_path / f".ev.{dead.stdout.strip()}.abc123"
+    (stale / "cases").mkdir(parents=True)
+    alive = tmp_path / f".ev.{os.getppid()}.def456"  # a running process's work
+    alive.mkdir()
+    unrelated = tmp_path / ".evolution.notes"
+    unrelated.mkdir()
+    assert remove_stale_temporaries(out) == [stale]
+    assert not stale.exists() and alive.exists() and unrelated.exists()
