@@ -1,8 +1,21 @@
+import os
+import tempfile
+from pathlib import Path
+
 import jax
 import pytest
 
 from nca_jax.config import ModelConfig, RunConfig, TrainConfig
 from nca_jax.model import init_params
+
+# Many tests compile the same tiny train / fine-tune / predict programs again (each run builds
+# new jitted closures). JAX's persistent cache keys compiled programs by their HLO, so a
+# program compiled once is reused by every later test and by later runs of the suite.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("NCA_JAX_TEST_CACHE", str(Path(tempfile.gettempdir()) / "nca-jax-test-cache")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @pytest.fixture
