@@ -159,16 +159,24 @@ def finetune(
     root = jax.random.key(fc.seed)
     target_key = jax.random.fold_in(root, TARGET_KEY)
 
-    carried: dict[str, np.ndarray] = {}
     if resume and not (out / "config.json").is_file():
         raise ckpt.RunError(f"{out}: nothing to resume (not a run folder)")
     restart = resume and not ckpt.has_checkpoint(out / "checkpoints")  # killed before one
-    if not resume or restart:  # targets from the source model, computed once (checkpointed)
-        if (out / "config.json").exists() and not restart:
-            raise ckpt.RunError(f"{out}: already holds a run (use --resume or another --out)")
+    fresh = not resume or restart
+    if fresh and (out / "config.json").exists() and not restart:
+        raise ckpt.RunError(f"{out}: already holds a run (use --resume or another --out)")
+    # Targets from the source model, computed once before fine-tuning. Fixed targets are
+    # recomputed on a resume (the same keys give the same values) rather than checkpointed, so
+    # a checkpoint holds only the training state (~0.3 MB, small enough to commit), never
+    # per-image arrays derived from the users' images; refreshed targets are checkpointed.
+    t = w = None
+    if fresh or fc.refresh_every == 0:
         probs_before = sample(params, cfg, data.images, target_key)
-        t, w = targets_from_probs(probs_before, fc.target_reduce, fc.weight_kind)
-        carried = {"targets": np.asarray(t), "weights": np.asarray(w)}
+        t, w = (
+            np.asarray(x)
+            for x in targets_from_probs(probs_before, fc.target_reduce, fc.weight_kind)
+        )
+    if fresh:
         out.mkdir(parents=True, exist_ok=True)
         _write_std_pngs(out / "uncertainty", data.names, probs_before, "before")
         rows = {
@@ -179,7 +187,13 @@ def finetune(
             for i, n in enumerate(data.names)
         }
         ckpt.write_json(out / "uncertainty.json", rows)
-    else:
+    fixed: dict[str, np.ndarray] = {"images": data.images}
+    carried: dict[str, np.ndarray] = {}
+    if fc.refresh_every == 0:
+        fixed.update(targets=t, weights=w)
+    elif fresh:
+        carried = {"targets": t, "weights": w}
+    else:  # placeholders of the right shape: fit restores the checkpointed ones
         shape = data.images.shape
         carried = {"targets": np.zeros(shape, np.float32), "weights": np.zeros(shape, np.float32)}
 
@@ -211,7 +225,7 @@ def finetune(
         fc,
         state,
         make_finetune_step(cfg),
-        {"images": data.images},
+        fixed,
         out,
         carried=carried,
         refresh=refresh,

@@ -92,3 +92,46 @@ def test_finetune_killed_before_its_first_checkpoint_restarts(tmp_path):
     done = finetune(cfg, params, data, ft, fc, resume=True, progress=False)
     assert done["finished"] and done["verdict"] == full["verdict"]
     assert _same(ft / "weights_last.npz", tmp_path / "full" / "weights_last.npz")
+
+
+@pytest.mark.parametrize("refresh", [0, 1])
+def test_finetune_resume_equals_an_uninterrupted_run(tmp_path, refresh):
+    """Cut after one epoch and resumed: the same weights and metrics as without the cut. Fixed
+    targets are recomputed on resume, so the checkpoint holds no per-image arrays."""
+    from nca_jax.config import ModelConfig, RunConfig
+    from nca_jax.finetuning import finetune
+
+    cfg = RunConfig(
+        model=ModelConfig(channels=8, hidden=16, steps=2, patch=8),
+        train=TrainConfig(epochs=1, batch_size=2, image_size=32),
+    ).validate()
+    train_and_evaluate(
+        cfg, make_phantom_dataset(4, seed=1, size=32), tmp_path / "src", progress=False
+    )
+    _, params = ckpt.load_run(tmp_path / "src")
+    data = make_phantom_dataset(4, seed=3, size=32)
+    fc = FinetuneConfig(
+        epochs=3,
+        batch_size=2,
+        samples=2,
+        check_every=2,
+        check_images=2,
+        check_samples=2,
+        refresh_every=refresh,
+        lr=1e-3,
+    )
+    full = finetune(cfg, params, data, tmp_path / "full", fc, progress=False)
+    cut = tmp_path / "cut"
+    finetune(cfg, params, data, cut, fc, progress=False, stop_after_epochs=1)
+    meta = " ".join(f.read_text(errors="ignore") for f in (cut / "checkpoints").rglob("*METADATA*"))
+    assert meta and (("targets" in meta) == (refresh > 0))  # per-image arrays only if refreshed
+    done = finetune(cfg, params, data, cut, fc, resume=True, progress=False)
+    assert done["verdict"] == full["verdict"] and done["steps"] == full["steps"]
+    for name in ("weights_last.npz", "weights.npz"):
+        assert _same(cut / name, tmp_path / "full" / name), name
+
+    def rows(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(ln).items() if not k.endswith("_s")} for ln in lines]
+
+    assert rows(cut) == rows(tmp_path / "full")
