@@ -14,7 +14,7 @@ evaluation, each set of checks) writes its own JSON under --work and is skipped 
 the command resumes after a stop; a fine-tuning cut mid-way resumes from its checkpoint.
 
 Usage:
-    python experiments/vwsl_study.py --protocol configs/vwsl_cpu.json [--work runs/vwsl]
+    python experiments/vwsl_study.py --protocol configs/vwsl_cpu.json [--work results/vwsl_units]
         [--directions shenzhen:montgomery] [--methods vwsl-authors] [--seeds 0]
         [--publish-only]
 Results: results/vwsl.json (rows, see issue 14's contract) and results/vwsl.md.
@@ -573,7 +573,7 @@ def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--protocol", required=True)
-    ap.add_argument("--work", default="runs/vwsl")
+    ap.add_argument("--work", default="results/vwsl_units")
     ap.add_argument("--data", default="../shared/data/cxr")
     ap.add_argument("--splits", default="results/splits")
     ap.add_argument("--results", default="results")
