@@ -43,6 +43,7 @@ class Dataset:
     images: np.ndarray  # (N, S, S) float32 in [0, 1], min-max normalised per image
     masks: np.ndarray | None  # (N, S, S) float32 in {0, 1}, or None when loaded without masks
     source: str  # folder it came from, or "phantoms(seed=..)"
+    skipped: tuple[tuple[str, str], ...] = ()  # (name, why) of cases left out by skip_bad
 
     def __post_init__(self) -> None:
         if self.images.ndim != 3 or self.images.shape[1] != self.images.shape[2]:
@@ -98,7 +99,12 @@ def _nnunet_name(path: Path) -> str | None:
 
 
 def find_pairs(
-    root: str | Path, *, require_masks: bool = True
+    root: str | Path,
+    *,
+    require_masks: bool = True,
+    names: list[str] | None = None,
+    skip_bad: bool = False,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[tuple[str, Path, Path | None]]:
     """Lists (name, image_path, mask_path) for a folder, sorted by name.
 
@@ -107,6 +113,8 @@ def find_pairs(
     .tif .tiff .bmp in any case; hidden files, sub-folders and other files are ignored. With
     require_masks=False the mask folder is never looked at and every mask_path is None.
     Raises DataError for a missing root, image folder, mask folder, images, or unmatched files.
+    names: only these cases matter (an unmatched file outside them is ignored). skip_bad: an
+    unmatched file is left out, and (name, why) appended to `skipped`, instead of raising.
     """
     root = Path(root)
     if not root.exists():
@@ -123,20 +131,27 @@ def find_pairs(
         raise DataError(f"{root}: no images/ or imagesTr/ folder")
     if not images:
         raise DataError(f"{image_dir}: no image files ({' '.join(IMAGE_EXTENSIONS)})")
-    names = sorted(images)
+    wanted = None if names is None else set(names)
+    keep = sorted(images) if wanted is None else sorted(set(images) & wanted)
     if not require_masks:
-        return [(name, images[name], None) for name in names]
+        return [(name, images[name], None) for name in keep]
 
     if not mask_dir.is_dir():
         raise DataError(f"{mask_dir}: mask folder does not exist (needed for {image_dir})")
     masks = _by_name(_list_image_files(mask_dir), lambda p: p.stem)
-    for name in names:
-        if name not in masks:
-            raise DataError(f"{images[name]}: image has no mask in {mask_dir}")
-    for name in sorted(masks):
-        if name not in images:
-            raise DataError(f"{masks[name]}: mask has no image in {image_dir}")
-    return [(name, images[name], masks[name]) for name in names]
+    problems = [
+        (n, f"{images[n]}: image has no mask in {mask_dir}") for n in keep if n not in masks
+    ]
+    problems += [
+        (n, f"{masks[n]}: mask has no image in {image_dir}")
+        for n in sorted(masks)
+        if n not in images and (wanted is None or n in wanted)
+    ]
+    if problems and not skip_bad:
+        raise DataError(problems[0][1])
+    if skipped is not None:
+        skipped.extend(problems)
+    return [(n, images[n], masks[n]) for n in keep if n in masks]
 
 
 def _read(path: Path, what: str) -> Image.Image:
@@ -336,15 +351,21 @@ def _load_pairs(
     source: str,
     mask_for: MaskFor | None = None,
     skip_bad: bool = False,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> Dataset:
     """Loads (name, image, mask) triples into a Dataset of (N, size, size) arrays. Masks come from
     the mask files, or from mask_for(name, image_path, original_shape) when given. skip_bad:
-    a case raising DataError is left out with a warning (all cases bad is still an error)."""
+    a case raising DataError is left out with a warning (all cases bad is still an error);
+    `skipped` (name, why) pairs found earlier (unmatched files) are warned about too, and all of
+    them are recorded in Dataset.skipped."""
     _check_size(size)
     say = warn or (lambda m: warnings.warn(m, stacklevel=3))
     images = np.empty((len(pairs), size, size), np.float32)
     masks = np.empty((len(pairs), size, size), np.float32) if require_masks else None
     kept: list[int] = []
+    skipped = list(skipped or [])
+    for name, why in skipped:
+        say(f"skipped {name}: {why}")
     for i, (name, image_path, mask_path) in enumerate(pairs):
         try:
             images[i], shape = _load_image_and_shape(image_path, size)
@@ -360,6 +381,7 @@ def _load_pairs(
             if not skip_bad:
                 raise
             say(f"skipped {name}: {e}")
+            skipped.append((name, str(e)))
             continue
         kept.append(i)
     if not kept:
@@ -367,7 +389,7 @@ def _load_pairs(
     if len(kept) < len(pairs):
         images = images[kept]
         masks = None if masks is None else masks[kept]
-    return Dataset(tuple(pairs[i][0] for i in kept), images, masks, source)
+    return Dataset(tuple(pairs[i][0] for i in kept), images, masks, source, tuple(skipped))
 
 
 def load_folder(
@@ -382,7 +404,10 @@ def load_folder(
     """find_pairs + load every pair: images (N, size, size), masks (N, size, size) or None.
     chexmask: masks from this CheXmask CSV instead of a mask folder (masks/ is not read).
     skip_bad: leave out unreadable cases with a warning instead of raising."""
-    pairs = find_pairs(root, require_masks=require_masks and chexmask is None)
+    skipped: list[tuple[str, str]] = []
+    pairs = find_pairs(
+        root, require_masks=require_masks and chexmask is None, skip_bad=skip_bad, skipped=skipped
+    )
     mask_for = _chexmask_source(chexmask, [p[0] for p in pairs]) if chexmask else None
     return _load_pairs(
         pairs,
@@ -392,6 +417,7 @@ def load_folder(
         source=str(Path(root)),
         mask_for=mask_for if require_masks else None,
         skip_bad=skip_bad,
+        skipped=skipped,
     )
 
 
@@ -432,11 +458,22 @@ def load_split(
     """Like load_folder (same keyword arguments) but only the cases listed in `names_file` (see
     read_names), in the file's order. A listed name not in the folder raises DataError."""
     names = read_names(names_file)
-    found = find_pairs(root, require_masks=require_masks and chexmask is None)
+    skipped: list[tuple[str, str]] = []
+    found = find_pairs(
+        root,
+        require_masks=require_masks and chexmask is None,
+        names=names,
+        skip_bad=skip_bad,
+        skipped=skipped,
+    )
     by_name = {p[0]: p for p in found}
+    gone = {n for n, _ in skipped}
     for name in names:
-        if name not in by_name:
-            raise DataError(f"{names_file}: case {name!r} is not in {root}")
+        if name not in by_name and name not in gone:
+            if not skip_bad:
+                raise DataError(f"{names_file}: case {name!r} is not in {root}")
+            skipped.append((name, f"{names_file}: case {name!r} is not in {root}"))
+    names = [n for n in names if n in by_name]
     mask_for = _chexmask_source(chexmask, names) if chexmask and require_masks else None
     return _load_pairs(
         [by_name[name] for name in names],
@@ -446,4 +483,5 @@ def load_split(
         source=str(Path(root)),
         mask_for=mask_for,
         skip_bad=skip_bad,
+        skipped=skipped,
     )

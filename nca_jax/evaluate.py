@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             "weights_sha256": _sha256(wpath),
             "data": data.source,
             "split": a.split,
+            "n_skipped": len(data.skipped),
+            "skipped": [{"name": n, "why": why} for n, why in data.skipped],
             "config": cfg.to_dict(),
             **summary,
         }

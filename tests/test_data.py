@@ -271,3 +271,62 @@ def test_load_split_order_and_unknown_name(tmp_path: Path) -> None:
     assert str(split) in _one_line(e) and "'zzz'" in str(e.value)
     with pytest.raises(DataError, match="cannot read"):
         load_split(root, tmp_path / "missing.txt")
+
+
+def _pairs_folder(root: Path, names: list[str]) -> Path:
+    for i, n in enumerate(names):
+        _save(root / "images" / f"{n}.png", _image(seed=i))
+        _save(root / "masks" / f"{n}.png", _mask())
+    return root
+
+
+def test_an_unpaired_file_outside_the_split_does_not_matter(tmp_path: Path) -> None:
+    root = _pairs_folder(tmp_path, ["a", "b", "c"])
+    _save(root / "images" / "lonely.png", _image())  # image without mask, not listed
+    _save(root / "masks" / "stray.png", _mask())  # mask without image, not listed
+    (tmp_path / "split.txt").write_text("a\nc\n")
+    d = load_split(root, tmp_path / "split.txt", size=16, warn=pytest.fail)
+    assert d.names == ("a", "c") and d.skipped == ()
+    with pytest.raises(DataError, match="lonely.png: image has no mask"):
+        load_folder(root, size=16)
+
+
+def test_skip_bad_skips_orphans_and_records_every_skipped_case(tmp_path: Path) -> None:
+    root = _pairs_folder(tmp_path, ["a", "b", "c"])
+    _save(root / "images" / "lonely.png", _image())
+    _save(root / "masks" / "stray.png", _mask())
+    (root / "images" / "b.png").write_text("not a png")
+    seen: list[str] = []
+    d = load_folder(root, size=16, skip_bad=True, warn=seen.append)
+    assert d.names == ("a", "c")
+    assert {n for n, _ in d.skipped} == {"lonely", "stray", "b"}
+    assert len(seen) == 3 and all(m.startswith("skipped ") for m in seen)
+    (tmp_path / "split.txt").write_text("a\nlonely\nmissing\nc\n")
+    d = load_split(root, tmp_path / "split.txt", size=16, skip_bad=True, warn=seen.append)
+    assert d.names == ("a", "c")
+    assert dict(d.skipped).keys() == {"lonely", "missing"}
+    with pytest.raises(DataError, match="'missing' is not in"):
+        (tmp_path / "s2.txt").write_text("a\nmissing\n")
+        load_split(root, tmp_path / "s2.txt", size=16)
+
+
+def test_evaluate_summary_records_the_skipped_cases(tmp_path: Path) -> None:
+    import json
+
+    from nca_jax import evaluate, train_cli
+
+    data = tmp_path / "data"
+    from nca_jax.phantoms import write_phantom_folder
+
+    write_phantom_folder(data, n=3, seed=0, size=64)
+    _save(data / "images" / "lonely.png", _image(64, 64))
+    tiny = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.json")
+    run = tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(run), "--config", tiny, "--epochs", "1"]
+    assert train_cli.main([*argv, "--skip-bad", "--no-progress"]) == 0
+    out = tmp_path / "ev"
+    argv = ["--run", str(run), "--data", str(data), "--out", str(out), "--samples", "1"]
+    assert evaluate.main([*argv, "--skip-bad", "--no-png"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n"] == 3 and s["n_skipped"] == 1 and s["skipped"][0]["name"] == "lonely"
+    assert "image has no mask" in s["skipped"][0]["why"]
