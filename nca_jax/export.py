@@ -405,12 +405,30 @@ def convert(cfg: RunConfig, params: Params, spec: ExportSpec) -> bytes:
         return conv.convert()
 
 
-def op_names(model: bytes) -> list[str]:
-    """Sorted distinct op names in a .tflite flatbuffer (via the LiteRT interpreter)."""
-    from ai_edge_litert.interpreter import Interpreter
+def subgraph_ops(model: bytes) -> list[set[str]]:
+    """The op names of EVERY subgraph of a .tflite flatbuffer (one set per subgraph; each
+    signature has its own subgraph), read from the file's schema: builtin ops by their
+    BuiltinOperator name, custom ops (Flex ones among them) by their custom code."""
+    from tensorflow.lite.python import schema_py_generated as fb
 
-    it = Interpreter(model_content=model)
-    return sorted({d["op_name"] for d in it._get_ops_details()})
+    m = fb.Model.GetRootAsModel(bytearray(model), 0)
+    builtin = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
+    names = []
+    for i in range(m.OperatorCodesLength()):
+        c = m.OperatorCodes(i)
+        code = max(c.BuiltinCode(), c.DeprecatedBuiltinCode())
+        custom = c.CustomCode()
+        names.append(custom.decode() if custom else builtin.get(code, f"BUILTIN_{code}"))
+    out = []
+    for s in range(m.SubgraphsLength()):
+        g = m.Subgraphs(s)
+        out.append({names[g.Operators(j).OpcodeIndex()] for j in range(g.OperatorsLength())})
+    return out
+
+
+def op_names(model: bytes) -> list[str]:
+    """Sorted distinct op names over all subgraphs of a .tflite flatbuffer."""
+    return sorted(set().union(*subgraph_ops(model)))
 
 
 def export(
@@ -431,12 +449,19 @@ def export(
         "weights": flatten_names(params),
         "signatures": signature_keys(spec),
         "ops": ops,
-        "flex_ops": [o for o in ops if o.startswith("Flex") or o == "CUSTOM"],
+        "flex_ops": [o for o in ops if o.startswith("Flex") or o not in builtin_op_names()],
         "bytes": len(model),
     }
     atomic_write_bytes(out, model)
     atomic_write_text(sidecar(out), json.dumps(info, indent=2) + "\n")
     return info
+
+
+def builtin_op_names() -> set[str]:
+    """Every builtin op name of the TFLite schema."""
+    from tensorflow.lite.python import schema_py_generated as fb
+
+    return {k for k in vars(fb.BuiltinOperator) if not k.startswith("_")}
 
 
 def signature_keys(spec: ExportSpec) -> list[str]:

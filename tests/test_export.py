@@ -78,6 +78,24 @@ def test_file_has_the_signatures_and_no_flex_ops(exported):
     assert side["spec"]["size"] == 32 and side["bytes"] == exported["path"].stat().st_size
 
 
+def test_op_list_covers_every_subgraph(exported):
+    """One subgraph per signature; the op list is their union (it once read subgraph 0 only),
+    and the ops of the training signatures (e.g. the gradient's) are in it."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = exported["path"].read_bytes()
+    per = ex.subgraph_ops(model)
+    it = Interpreter(model_content=model)
+    assert len(per) >= len(it.get_signature_list()) > 1
+    first = {d["op_name"] for d in it._get_ops_details()}  # what the interpreter shows
+    assert first < set(ex.op_names(model)) == set().union(*per)
+    assert exported["info"]["ops"] == ex.op_names(model)
+
+
+def test_builtin_names_tell_flex_and_custom_ops_apart():
+    assert "FlexMatMul" not in ex.builtin_op_names() and "CONV_2D" in ex.builtin_op_names()
+
+
 def test_infer_fixed_equals_jax(exported):
     fns, rng = exported["fns"], np.random.default_rng(1)
     img = _nhwc(exported["data"].images[:2])
