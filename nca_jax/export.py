@@ -42,10 +42,9 @@ from nca_jax.config import (
     atomic_write_bytes,
     atomic_write_text,
 )
-from nca_jax.losses import segmentation_loss
-from nca_jax.model import Params, Randomness, predict_logits, train_logits
-from nca_jax.training import TrainState, make_optimizer, update_state
-from nca_jax.vwsl import vwsl_terms
+from nca_jax.model import Params, Randomness, predict_logits
+from nca_jax.training import TrainState, make_optimizer, supervised_loss, update_state
+from nca_jax.vwsl import vwsl_loss
 
 SIGNATURES = ("infer", "sample", "train", "finetune", "get_weights", "set_weights")
 EXTRA_SIGNATURES = ("get_optimizer_state",)
@@ -171,20 +170,16 @@ class Functions:
     def train(self, params, opt_leaves, step, image, mask, m1, m2, yx):
         """One supervised step; image, mask (B, S, S, 1); yx (B, 2) int32 patch corners.
         Returns (params, opt_leaves, step, loss)."""
-        tc = self.cfg.train
 
         def loss_fn(p: Params, batch: dict[str, jax.Array], _key: None):
-            logits, target = train_logits(
+            return supervised_loss(
                 p,
                 batch["image"][..., 0],
                 batch["mask"][..., 0],
-                cfg=self.mc,
+                cfg=self.cfg,
                 randomness=Randomness(batch["m1"], batch["m2"], batch["yx"]),
                 unroll="python",
             )
-            loss = segmentation_loss(logits, target, kind=tc.loss, focal_gamma=tc.focal_gamma)
-            skip = (jnp.sum(target) == 0) if tc.skip_empty_patches else jnp.array(False)
-            return loss, skip
 
         batch = {"image": image, "mask": mask, "m1": m1, "m2": m2, "yx": yx}
         return self._step(self.train_opt, loss_fn, params, opt_leaves, step, batch)
@@ -194,19 +189,17 @@ class Functions:
         fc = self.fc
 
         def loss_fn(p: Params, batch: dict[str, jax.Array], _key: None):
-            terms = vwsl_terms(
+            loss, _ = vwsl_loss(
                 p,
                 batch["image"][..., 0],
                 batch["target"][..., 0],
                 batch["weight"][..., 0],
                 cfg=self.mc,
+                fc=fc,
                 masks=batch["masks"],
                 patch_yx=batch["yx"],
-                loss=fc.loss,
-                focal_gamma=fc.focal_gamma,
                 unroll="python",
             )
-            loss = terms["seg"] + fc.gamma * (terms["cons1"] + terms["cons2"])
             return loss, jnp.array(False)
 
         batch = {

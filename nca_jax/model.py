@@ -299,14 +299,15 @@ def draw_randomness(
     low = size // cfg.downscale
     size2 = cfg.patch if train else size
     k1, k2 = jax.random.fold_in(key, LEVEL_KEY), jax.random.fold_in(key, LEVEL2_KEY)
-    masks1 = jax.vmap(lambda k: fire_mask(k, (batch, low, low), cfg.fire_rate))(
-        step_keys(k1, cfg.steps)
-    )
-    masks2 = jax.vmap(lambda k: fire_mask(k, (batch, size2, size2), cfg.fire_rate))(
-        step_keys(k2, cfg.steps)
-    )
+    masks1 = rollout_masks(k1, cfg, (batch, low, low))
+    masks2 = rollout_masks(k2, cfg, (batch, size2, size2))
     yx = draw_patch_corners(key, cfg, batch, size) if train else None
     return Randomness(masks1, masks2, yx)
+
+
+def rollout_masks(key: jax.Array, cfg: ModelConfig, shape: tuple[int, int, int]) -> jax.Array:
+    """The fire masks (steps, B, H, W, 1) that rollout(key=key) draws for a (B, H, W) state."""
+    return jax.vmap(lambda k: fire_mask(k, shape, cfg.fire_rate))(step_keys(key, cfg.steps))
 
 
 def draw_patch_corners(key: jax.Array, cfg: ModelConfig, batch: int, size: int) -> jax.Array:

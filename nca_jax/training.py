@@ -33,7 +33,14 @@ from nca_jax.config import (
 )
 from nca_jax.data import Dataset
 from nca_jax.losses import segmentation_loss
-from nca_jax.model import Params, init_params, predict_logits, sample_keys, train_logits
+from nca_jax.model import (
+    Params,
+    Randomness,
+    init_params,
+    predict_logits,
+    sample_keys,
+    train_logits,
+)
 from nca_jax.parallel import data_mesh, replicate, shard_batch
 
 DATA_KEY, STEP_KEY, INIT_KEY, EVAL_KEY = 0, 1, 2, 3
@@ -139,17 +146,39 @@ def make_train_step(
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
     """Supervised step: batch {'images': (B,H,W), 'masks': (B,H,W)}. With skip_empty_patches,
     a step whose patch labels are all empty changes nothing (as in the authors' code)."""
-    mc, tc = cfg.model, cfg.train
 
     def loss_fn(params: Params, batch: dict[str, jax.Array], key: jax.Array):
-        logits, target = train_logits(
-            params, batch["images"], batch["masks"], cfg=mc, key=key, unroll=mc.unroll
-        )
-        loss = segmentation_loss(logits, target, kind=tc.loss, focal_gamma=tc.focal_gamma)
-        skip = (jnp.sum(target) == 0) if tc.skip_empty_patches else jnp.array(False)
-        return loss, skip
+        return supervised_loss(params, batch["images"], batch["masks"], cfg=cfg, key=key)
 
-    return make_update_step(make_optimizer(tc), loss_fn)
+    return make_update_step(make_optimizer(cfg.train), loss_fn)
+
+
+def supervised_loss(
+    params: Params,
+    images: jax.Array,
+    masks: jax.Array,
+    *,
+    cfg: RunConfig,
+    key: jax.Array | None = None,
+    randomness: Randomness | None = None,
+    unroll: bool | str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The supervised objective on images, masks (B, H, W), randomness from `key` or given as
+    tensors (the TFLite export): (loss, skip), skip = the patch labels are all empty and
+    train.skip_empty_patches is set. Training and the exported `train` both call this."""
+    mc, tc = cfg.model, cfg.train
+    logits, target = train_logits(
+        params,
+        images,
+        masks,
+        cfg=mc,
+        key=key,
+        randomness=randomness,
+        unroll=mc.unroll if unroll is None else unroll,
+    )
+    loss = segmentation_loss(logits, target, kind=tc.loss, focal_gamma=tc.focal_gamma)
+    skip = (jnp.sum(target) == 0) if tc.skip_empty_patches else jnp.array(False)
+    return loss, skip
 
 
 ALL = 1 << 30  # "as many as there are": every prediction side by side

@@ -203,21 +203,32 @@ def vwsl_loss(
     *,
     cfg: ModelConfig,
     fc: FinetuneConfig,
-    key: jax.Array,
+    key: jax.Array | None = None,
+    masks: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+    patch_yx: jax.Array | None = None,
+    unroll: bool | str | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """seg + gamma * (cons1 + cons2), all randomness from `key`. Returns (loss, terms)."""
-    keys = tuple(jax.random.fold_in(key, t) for t in (KEY_A1, KEY_B1, KEY_A2, KEY_B2))
-    yx = draw_patch_corners(key, cfg, images.shape[0], images.shape[1])
+    """seg + gamma * (cons1 + cons2). Randomness from `key` (the four runs use
+    fold_in(key, KEY_A1 / B1 / A2 / B2), patches draw_patch_corners(key)), or given as the four
+    runs' fire masks and patch_yx (the TFLite export). Fine-tuning and the exported `finetune`
+    both call this. Returns (loss, terms)."""
+    if (key is None) == (masks is None) or (masks is not None and patch_yx is None):
+        raise TypeError("vwsl_loss needs key=, or masks= and patch_yx=")
+    if key is not None:
+        rand = {"keys": tuple(jax.random.fold_in(key, t) for t in (KEY_A1, KEY_B1, KEY_A2, KEY_B2))}
+        patch_yx = draw_patch_corners(key, cfg, images.shape[0], images.shape[1])
+    else:
+        rand = {"masks": masks}
     terms = vwsl_terms(
         params,
         images,
         targets,
         weights,
         cfg=cfg,
-        keys=keys,
-        patch_yx=yx,
+        patch_yx=patch_yx,
         loss=fc.loss,
         focal_gamma=fc.focal_gamma,
-        unroll=cfg.unroll,
+        unroll=cfg.unroll if unroll is None else unroll,
+        **rand,
     )
     return terms["seg"] + fc.gamma * (terms["cons1"] + terms["cons2"]), terms

@@ -3,6 +3,7 @@
 One tiny model (32 px, 3 steps per level) is trained briefly in JAX on phantoms and exported
 once per module (about 30 s); every test reads that file with the LiteRT interpreter."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -322,3 +323,80 @@ def test_export_cli_bad_inputs_exit_2_and_write_nothing(tmp_path):
     r = _cli("--config", str(run / "config.json"), "--out", str(out), "--size", "64")
     assert r.returncode == 2 and "size must be 32" in r.stderr
     assert not out.exists() and not ex.sidecar(out).exists()
+
+
+def _assert_same_step(fns, got_params, want_params, lr):
+    """Two optimizer steps agree: weights with a real gradient within 1e-5; where the gradient is
+    rounding noise (biases before batch norm) Adam's move of about lr may take either sign."""
+    got = ckpt.flatten_params(fns.tree(list(got_params)))
+    want = ckpt.flatten_params(want_params)
+    start = dict(zip(fns.names, fns.params0, strict=True))
+    for k in fns.names:
+        moved = np.abs(want[k] - start[k])
+        sure = moved > 0.5 * lr
+        diff = np.abs(got[k] - want[k])
+        assert np.all(diff[sure] <= 1e-5 + 1e-3 * moved[sure]), k
+        assert np.all(diff <= 2.2 * lr), k
+
+
+def test_exported_train_step_is_the_training_path(exported):
+    """Functions.train (what the file runs) against make_train_step (what train.py runs), with
+    the randomness the key path draws: one source of truth for the supervised step."""
+    from nca_jax.model import draw_randomness
+    from nca_jax.training import TrainState
+
+    fns, cfg, d = exported["fns"], exported["cfg"], exported["data"]
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=SPEC.train_lr))
+    images, masks = d.images[:2], d.masks[:2]
+    step_key = jax.random.key(11)
+    r = draw_randomness(jax.random.fold_in(step_key, 0), cfg.model, 2, 32, train=True)
+    p, _, _, loss = fns.train(
+        fns.params0,
+        fns.train_opt0,
+        jnp.int32(0),
+        _nhwc(images),
+        _nhwc(masks),
+        r.masks1,
+        r.masks2,
+        r.patch_yx,
+    )
+    params = fns.tree(fns.params0)
+    state = TrainState(params, fns.train_opt.init(params), jnp.zeros((), jnp.int32))
+    new, info = make_train_step(cfg)(state, {"images": images, "masks": masks}, step_key)
+    assert float(loss) == pytest.approx(float(info["loss"]), rel=1e-5)
+    _assert_same_step(fns, p, new.params, SPEC.train_lr)
+
+
+def test_exported_finetune_step_is_the_vwsl_path(exported):
+    from nca_jax.finetuning import make_finetune_step
+    from nca_jax.model import draw_patch_corners, rollout_masks
+    from nca_jax.training import TrainState
+    from nca_jax.vwsl import KEY_A1, KEY_A2, KEY_B1, KEY_B2
+
+    fns, cfg, d = exported["fns"], exported["cfg"], exported["data"]
+    cfg = dataclasses.replace(cfg, finetune=fns.fc)
+    mc, rng = cfg.model, np.random.default_rng(6)
+    images, targets = d.images[2:4], d.masks[2:4]
+    weights = rng.uniform(size=(2, 32, 32)).astype(np.float32)
+    step_key = jax.random.key(12)
+    key = jax.random.fold_in(step_key, 0)
+    low, p = 32 // mc.downscale, mc.patch
+    shapes = {KEY_A1: (2, low, low), KEY_B1: (2, low, low), KEY_A2: (2, p, p), KEY_B2: (2, p, p)}
+    m = [rollout_masks(jax.random.fold_in(key, t), mc, s) for t, s in shapes.items()]
+    yx = draw_patch_corners(key, mc, 2, 32)
+    got, _, _, loss = fns.finetune(
+        fns.params0,
+        fns.ft_opt0,
+        jnp.int32(0),
+        _nhwc(images),
+        _nhwc(targets),
+        _nhwc(weights),
+        *m,
+        yx,
+    )
+    params = fns.tree(fns.params0)
+    state = TrainState(params, fns.ft_opt.init(params), jnp.zeros((), jnp.int32))
+    batch = {"images": images, "targets": targets, "weights": weights}
+    new, info = make_finetune_step(cfg)(state, batch, step_key)
+    assert float(loss) == pytest.approx(float(info["loss"]), rel=1e-5)
+    _assert_same_step(fns, got, new.params, SPEC.finetune_lr)
