@@ -335,12 +335,12 @@ def write_figure(before: Path, after: Path, data: Dataset, png: Path, n: int = 4
     from PIL import Image
 
     from nca_jax.evaluate import overlay_rgb, std_rgb
-    from nca_jax.training import make_predict, predict_dataset
+    from nca_jax.predict import sample
 
     rows = []
     for run in (before, after):
         c, prm = ckpt.load_run(run)
-        probs = predict_dataset(make_predict(c.model, 10), prm, data.images[:n], jax.random.key(0))
+        probs = sample(prm, c.model, data.images[:n], jax.random.key(0), 10)
         rows.append(probs)
     tiles = []
     for i in range(min(n, len(data))):

@@ -31,7 +31,8 @@ import numpy as np
 
 from nca_jax.config import ModelConfig, RunConfig, TrainConfig
 from nca_jax.model import init_params, predict_logits, sample_keys
-from nca_jax.training import default_parallel, init_state, make_predict, make_train_step
+from nca_jax.predict import ALL, default_parallel, make_predict
+from nca_jax.training import init_state, make_train_step
 
 PEER_SCRIPT = (
     Path(__file__).resolve().parent.parent.parent / "shared" / "peer" / "torch_mednca_bench.py"
@@ -103,14 +104,14 @@ def bench_predict(mc: ModelConfig, size: int, reps: int, samples: int = 10) -> d
     params["level2"]["dense_out"]["kernel"] += 0.01
     img = jnp.asarray(np.random.default_rng(0).uniform(size=(1, size, size)), jnp.float32)
     one = jax.jit(lambda p, i, k: jax.nn.sigmoid(predict_logits(p, i, cfg=mc, key=k)))
-    vm = jax.jit(lambda p, i, k: jax.vmap(lambda kk: one(p, i, kk))(sample_keys(k, samples)))
+    vm = make_predict(mc, samples, ALL)  # all samples side by side (one vmap)
     key = jax.random.key(1)
-    keys = sample_keys(key, samples)
+    index = jnp.zeros((1,), jnp.int32)
+    keys = sample_keys(jax.random.fold_in(key, 0), samples)  # the keys make_predict uses
     _, t1 = timeit(lambda: one(params, img, key), reps)
-    first, tv = timeit(lambda: vm(params, img, key), reps)
+    first, tv = timeit(lambda: vm(params, img, key, index), reps)
     _, tl = timeit(lambda: [one(params, img, keys[j]) for j in range(samples)], max(1, reps // 2))
     lib = make_predict(mc, samples)  # the library's path: lax.map on CPU, vmap on GPU/TPU
-    index = jnp.zeros((1,), jnp.int32)
     _, td = timeit(lambda: lib(params, img, key, index), max(1, reps // 2))
     flop = predict_cell_steps(mc, size) * flop_per_cell_step(mc)
     return {

@@ -31,7 +31,7 @@ from nca_jax.data import Dataset, load_folder, load_split
 from nca_jax.metrics import case_metrics, summarize
 from nca_jax.model import Params
 from nca_jax.paths import check_output_folder
-from nca_jax.training import make_predict, predict_dataset
+from nca_jax.predict import make_predict, predict_dataset
 
 STD_DISPLAY_MAX = 0.5  # the largest possible std of a probability: maps to white / top colour
 

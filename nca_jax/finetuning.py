@@ -24,14 +24,14 @@ from nca_jax.data import Dataset
 from nca_jax.guard import choose, label_free_check, verdict_line
 from nca_jax.metrics import foreground_fraction, quality_score
 from nca_jax.model import Params
+from nca_jax.predict import make_predict, predict_dataset
+from nca_jax.predict import sample as predict_sample
 from nca_jax.training import (
     TrainState,
     fit,
     make_optimizer,
     make_optimizer_schedule,
-    make_predict,
     make_update_step,
-    predict_dataset,
 )
 from nca_jax.vwsl import finetune_loss, targets_from_probs
 
@@ -125,7 +125,7 @@ def make_finetune_step(cfg: RunConfig) -> Callable:
 
 def sample(params: Params, cfg: RunConfig, images: np.ndarray, key: jax.Array) -> np.ndarray:
     """cfg.finetune.samples predictions per image: (S, N, H, W) probabilities."""
-    return predict_dataset(make_predict(cfg.model, cfg.finetune.samples), params, images, key)
+    return predict_sample(params, cfg.model, images, key, cfg.finetune.samples)
 
 
 def _write_std_pngs(folder: Path, names: tuple[str, ...], probs: np.ndarray, tag: str) -> None:

@@ -402,15 +402,3 @@ def train_logits(
 def sample_keys(key: jax.Array, n: int) -> jax.Array:
     """The n sample keys fold_in(key, i), i < n: (n,) keys."""
     return step_keys(key, n)
-
-
-def sample_probs(
-    params: Params, image: jax.Array, *, cfg: ModelConfig, key: jax.Array, n: int = 10
-) -> jax.Array:
-    """n stochastic full-image predictions as ONE vmap over keys fold_in(key, i).
-
-    image (B, H, W) -> sigmoid probabilities (n, B, H, W). Each sample normalises over its own
-    batch (vmap keeps batch-norm statistics per sample; stacking the n samples into one batch
-    would pool them and change the result)."""
-    keys = sample_keys(key, n)
-    return jax.vmap(lambda k: jax.nn.sigmoid(predict_logits(params, image, cfg=cfg, key=k)))(keys)

@@ -23,7 +23,6 @@ from tqdm import tqdm
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import (
     FinetuneConfig,
-    ModelConfig,
     RunConfig,
     TrainConfig,
     atomic_write_text,
@@ -37,11 +36,10 @@ from nca_jax.model import (
     Params,
     Randomness,
     init_params,
-    predict_logits,
-    sample_keys,
     train_logits,
 )
 from nca_jax.parallel import data_mesh, replicate, shard_batch
+from nca_jax.predict import make_predict, predict_dataset
 
 DATA_KEY, STEP_KEY, INIT_KEY, EVAL_KEY = 0, 1, 2, 3
 
@@ -179,65 +177,6 @@ def supervised_loss(
     loss = segmentation_loss(logits, target, kind=tc.loss, focal_gamma=tc.focal_gamma)
     skip = (jnp.sum(target) == 0) if tc.skip_empty_patches else jnp.array(False)
     return loss, skip
-
-
-ALL = 1 << 30  # "as many as there are": every prediction side by side
-
-
-def default_parallel() -> int:
-    """Predictions computed side by side by default: 1 on CPU, where one after another in a
-    lax.map is fastest (2 cores, 10 samples of 256 px: 0.75 s per prediction vs 1.23 s as one
-    vmap), and all of them on GPU/TPU."""
-    return 1 if jax.default_backend() == "cpu" else ALL
-
-
-def make_predict(
-    mc: ModelConfig, samples: int, parallel: int | None = None
-) -> Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array]:
-    """Returns jit(f)(params, images (N,H,W), key, index (N,)) -> probabilities (samples, N, H, W).
-
-    Each image is predicted alone (batch of one, its own batch-norm statistics) with keys
-    fold_in(fold_in(key, index[i]), j) for sample j, so results do not depend on chunking.
-    parallel: how many predictions run side by side (vmap); the rest follow one group after
-    another (lax.map with batch_size). Same keys, same values; None = default_parallel()."""
-    par = default_parallel() if parallel is None else parallel
-    if par < 1:
-        raise ValueError(f"parallel must be >= 1, got {par}")
-
-    def one(params: Params, image: jax.Array, key: jax.Array) -> jax.Array:
-        def sample(k: jax.Array) -> jax.Array:
-            return jax.nn.sigmoid(predict_logits(params, image[None], cfg=mc, key=k))[0]
-
-        keys = sample_keys(key, samples)
-        if par >= samples:
-            return jax.vmap(sample)(keys)
-        return jax.lax.map(sample, keys, batch_size=par)
-
-    def f(params: Params, images: jax.Array, key: jax.Array, index: jax.Array) -> jax.Array:
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-        per_image = max(1, par // samples)
-        probs = jax.lax.map(
-            lambda ik: one(params, ik[0], ik[1]), (images, keys), batch_size=per_image
-        )
-        return jnp.swapaxes(probs, 0, 1)
-
-    return jax.jit(f)
-
-
-def predict_dataset(
-    predict: Callable, params: Params, images: np.ndarray, key: jax.Array, chunk: int = 4
-) -> np.ndarray:
-    """Runs `predict` (from make_predict) over images (N,H,W) in chunks -> (samples, N, H, W)."""
-    out = []
-    for i in range(0, len(images), chunk):
-        part = images[i : i + chunk]
-        idx = np.arange(i, i + len(part), dtype=np.int32)
-        if len(part) < chunk:  # pad so the jitted function sees one shape only
-            pad = chunk - len(part)
-            part = np.concatenate([part, np.repeat(part[-1:], pad, 0)])
-            idx = np.concatenate([idx, np.repeat(idx[-1:], pad)])
-        out.append(np.asarray(predict(params, jnp.asarray(part), key, jnp.asarray(idx))))
-    return np.concatenate(out, axis=1)[:, : len(images)]
 
 
 def validation_dice(probs: np.ndarray, masks: np.ndarray) -> float:

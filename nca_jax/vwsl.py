@@ -63,9 +63,9 @@ def make_targets(
 ) -> tuple[np.ndarray, np.ndarray]:
     """images (N, H, W) -> (targets, weights), each (N, H, W) float32: fc.samples predictions of
     every image (alone in its batch, keys fold_in(fold_in(key, i), j)) reduced as configured."""
-    from nca_jax.training import make_predict, predict_dataset
+    from nca_jax.predict import sample
 
-    probs = predict_dataset(make_predict(cfg, fc.samples), params, images, key, chunk=chunk)
+    probs = sample(params, cfg, images, key, fc.samples, chunk=chunk)
     t, w = targets_from_probs(probs, fc.target_reduce, fc.weight_kind)
     return np.asarray(t, np.float32), np.asarray(w, np.float32)
 

@@ -164,8 +164,10 @@ def test_vmap_over_ten_keys_equals_a_loop():
     params = randomised_params(cfg)
     img = jax.random.uniform(jax.random.key(5), (1, 16, 16))
     key = jax.random.key(7)
-    got = jax.jit(lambda p, i, k: m.sample_probs(p, i, cfg=cfg, key=k, n=10))(params, img, key)
-    keys = m.sample_keys(key, 10)
+    from nca_jax.predict import ALL, make_predict
+
+    got = make_predict(cfg, 10, ALL)(params, img, key, jnp.zeros((1,), jnp.int32))
+    keys = m.sample_keys(jax.random.fold_in(key, 0), 10)  # image 0's sample keys
     loop = jnp.stack(
         [jax.nn.sigmoid(m.predict_logits(params, img, cfg=cfg, key=keys[i])) for i in range(10)]
     )

@@ -111,7 +111,7 @@ def test_predict_parallel_or_sequential_gives_the_same_probabilities(tiny_cfg, p
     same keys per image and sample, so the same values."""
     from conftest import randomised_params
 
-    from nca_jax.training import ALL, make_predict, predict_dataset
+    from nca_jax.predict import ALL, make_predict, predict_dataset
 
     params = randomised_params(tiny_cfg.model)
     images = make_phantom_dataset(3, seed=4, size=32).images
@@ -124,7 +124,7 @@ def test_predict_parallel_or_sequential_gives_the_same_probabilities(tiny_cfg, p
 
 
 def test_predict_parallel_must_be_positive(tiny_cfg):
-    from nca_jax.training import make_predict
+    from nca_jax.predict import make_predict
 
     with pytest.raises(ValueError, match="parallel must be >= 1"):
         make_predict(tiny_cfg.model, 4, 0)

@@ -249,7 +249,8 @@ def test_vwsl_raises_dice_on_a_domain_shifted_toy(tmp_path):
     from nca_jax.config import ModelConfig, RunConfig, TrainConfig
     from nca_jax.data import Dataset
     from nca_jax.finetuning import finetune
-    from nca_jax.training import make_predict, predict_dataset, validation_dice
+    from nca_jax.predict import make_predict, predict_dataset
+    from nca_jax.training import validation_dice
 
     cfg = RunConfig(
         model=ModelConfig(channels=16, hidden=64, steps=10, patch=16),
