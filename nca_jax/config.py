@@ -141,6 +141,10 @@ class FinetuneConfig:
     beta2: float = 0.99
     lr_decay: float = 0.9999  # per step, as the authors' fine-tuning config (lr_gamma)
     gamma: float = 1e2  # weight of the consistency term
+    # "fixed": gamma as given; "balance": gamma chosen without labels before fine-tuning so that
+    # gamma x the consistency gradient has the norm of the segmentation gradient (source
+    # weights, first batch of targets); the value used is saved in the run's gamma.json
+    gamma_rule: str = "fixed"
     samples: int = 10  # stochastic predictions per image for the surrogate target
     target_reduce: str = "median"  # "median" (authors' code) or "mean" (paper)
     weight_kind: str = "std"  # w = 1 - 2 std (authors' code) or "var": w = 1 - 4 var
@@ -181,6 +185,10 @@ class FinetuneConfig:
         if self.method not in FINETUNE_METHODS:
             raise ConfigError(
                 f"finetune.method must be one of {FINETUNE_METHODS}, got {self.method!r}"
+            )
+        if self.gamma_rule not in ("fixed", "balance"):
+            raise ConfigError(
+                f"finetune.gamma_rule must be 'fixed' or 'balance', got {self.gamma_rule!r}"
             )
         if self.update not in ("all", "norm"):
             raise ConfigError(f"finetune.update must be 'all' or 'norm', got {self.update!r}")

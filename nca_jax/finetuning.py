@@ -33,9 +33,9 @@ from nca_jax.training import (
     make_optimizer_schedule,
     make_update_step,
 )
-from nca_jax.vwsl import finetune_loss, targets_from_probs
+from nca_jax.vwsl import balanced_gamma, finetune_loss, targets_from_probs
 
-TARGET_KEY, UNCERTAINTY_KEY, CHECK_KEY = 10, 11, 12
+TARGET_KEY, UNCERTAINTY_KEY, CHECK_KEY, GAMMA_KEY = 10, 11, 12, 13
 # The predicted foreground area after / before VWSL outside this range is reported as a likely
 # fall towards VWSL's trivial fixed point (an empty or full mask agrees with itself in every
 # sample): seen in the cross-site experiment (results/README.md), where it is label-free evidence.
@@ -60,6 +60,35 @@ def area_warning(
         f"towards an {'empty' if ratio < ok[0] else 'over-full'} mask, VWSL's trivial fixed "
         "point; compare it with the source model before using it"
     )
+
+
+def _balanced_gamma(
+    out: Path,
+    params: Params,
+    cfg: RunConfig,
+    fixed: dict[str, np.ndarray],
+    carried: dict[str, np.ndarray],
+    fresh: bool,
+    root: jax.Array,
+) -> float:
+    """gamma_rule 'balance': computed once on the first batch at the source weights (saved in
+    gamma.json, read back on a resume)."""
+    path = out / "gamma.json"
+    if not fresh and path.is_file():
+        return float(json.loads(path.read_text())["gamma"])
+    fc, arrays = cfg.finetune, {**fixed, **carried}
+    b = min(fc.batch_size, len(arrays["images"]))
+    g = balanced_gamma(
+        params,
+        jax.numpy.asarray(arrays["images"][:b]),
+        jax.numpy.asarray(arrays["targets"][:b]),
+        jax.numpy.asarray(arrays["weights"][:b]),
+        cfg=cfg.model,
+        fc=fc,
+        key=jax.random.fold_in(root, GAMMA_KEY),
+    )
+    ckpt.write_json(path, {"gamma": g, "rule": "balance", "images": b})
+    return g
 
 
 def make_checker(cfg: RunConfig, images: np.ndarray) -> Callable[[Params], dict[str, float]]:
@@ -204,6 +233,14 @@ def finetune(
         t, w = targets_from_probs(probs, fc.target_reduce, fc.weight_kind)
         return {"targets": np.asarray(t), "weights": np.asarray(w)}
 
+    step_cfg = cfg
+    if fc.method == "vwsl" and fc.gamma_rule == "balance":
+        step_cfg = dataclasses.replace(
+            cfg,
+            finetune=dataclasses.replace(
+                fc, gamma=_balanced_gamma(out, params, cfg, fixed, carried, fresh, root)
+            ),
+        )
     check = make_checker(cfg, data.images) if fc.check_every > 0 else None
     if check is not None and (not resume or restart):
         ckpt.write_json(out / "guard.json", {"source": check(params)})
@@ -224,7 +261,7 @@ def finetune(
         cfg,
         fc,
         state,
-        make_finetune_step(cfg),
+        make_finetune_step(step_cfg),
         fixed,
         out,
         carried=carried,
@@ -234,7 +271,11 @@ def finetune(
         stop_after_epochs=stop_after_epochs,
         schedule=make_optimizer_schedule(fc),
         log=log,
-        summary_extra={"finetune_source": data.source, "source_run": fc.source_run},
+        summary_extra={
+            "finetune_source": data.source,
+            "source_run": fc.source_run,
+            "gamma_used": step_cfg.finetune.gamma,
+        },
         on_epoch_end=on_epoch_end,
     )
     if summary["finished"] and fc.check_every > 0:

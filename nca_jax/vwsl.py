@@ -117,6 +117,47 @@ def vwsl_terms(
     }
 
 
+def balanced_gamma(
+    params: Params,
+    images: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    cfg: ModelConfig,
+    fc: FinetuneConfig,
+    key: jax.Array,
+) -> float:
+    """|grad seg| / |grad (cons1 + cons2)| at `params` on one batch (B, H, W) with the draws of
+    vwsl_loss(key): the gamma at which both parts of VWSL's gradient have the same norm. One
+    forward, two pullbacks; no label is involved (targets are the model's own)."""
+    keys = tuple(jax.random.fold_in(key, t) for t in (KEY_A1, KEY_B1, KEY_A2, KEY_B2))
+    yx = draw_patch_corners(key, cfg, images.shape[0], images.shape[1])
+
+    def parts(p: Params) -> jax.Array:
+        t = vwsl_terms(
+            p,
+            images,
+            targets,
+            weights,
+            cfg=cfg,
+            keys=keys,
+            patch_yx=yx,
+            loss=fc.loss,
+            focal_gamma=fc.focal_gamma,
+            unroll=cfg.unroll,
+        )
+        return jnp.stack([t["seg"], t["cons1"] + t["cons2"]])
+
+    _, pull = jax.vjp(parts, params)
+
+    def norm(g: Params) -> jax.Array:
+        return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(g)))
+
+    (g_seg,) = pull(jnp.array([1.0, 0.0]))
+    (g_cons,) = pull(jnp.array([0.0, 1.0]))
+    return float(norm(g_seg) / jnp.maximum(norm(g_cons), 1e-12))
+
+
 def binary_entropy(p: jax.Array, eps: float = 1e-6) -> jax.Array:
     """Mean binary entropy (nats) of probabilities p (any shape), clipped to [eps, 1 - eps]."""
     p = jnp.clip(p, eps, 1.0 - eps)

@@ -151,3 +151,42 @@ def test_pseudo_label_and_vwsl_share_the_segmentation_loss(tiny_cfg):
         key=key,
     )
     assert float(v) == pytest.approx(float(p), rel=1e-6)
+
+
+def test_balanced_gamma_equalises_the_two_gradient_norms(tiny_cfg, tmp_path):
+    """gamma_rule 'balance': gamma x |grad consistency| = |grad seg| on the first batch at the
+    source weights; the run trains with it (loss = seg + gamma x consistency, per epoch)."""
+    import json
+
+    from nca_jax.finetuning import finetune
+    from nca_jax.phantoms import make_phantom_dataset
+    from nca_jax.vwsl import balanced_gamma, vwsl_terms
+
+    mc = tiny_cfg.model
+    params = randomised_params(mc)
+    images, targets, weights = _batch(tiny_cfg, 7)
+    key = jax.random.key(8)
+    g = balanced_gamma(params, images, targets, weights, cfg=mc, fc=FinetuneConfig(), key=key)
+    keys = tuple(jax.random.fold_in(key, t) for t in (KEY_A1, KEY_B1, KEY_A2, KEY_B2))
+    yx = draw_patch_corners(key, mc, 2, images.shape[1])
+
+    def part(name):
+        def f(p):
+            t = vwsl_terms(p, images, targets, weights, cfg=mc, keys=keys, patch_yx=yx)
+            return t["seg"] if name == "seg" else t["cons1"] + t["cons2"]
+
+        grads = jax.grad(f)(params)
+        return float(jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(grads))))
+
+    assert g > 0 and g * part("cons") == pytest.approx(part("seg"), rel=1e-3)
+
+    data = make_phantom_dataset(4, seed=3, size=tiny_cfg.train.image_size)
+    fc = FinetuneConfig(epochs=1, batch_size=2, samples=2, gamma_rule="balance", check_every=0)
+    s = finetune(
+        tiny_cfg, params, data, tmp_path / "ft", fc, progress=False, uncertainty_after=False
+    )
+    used = json.loads((tmp_path / "ft" / "gamma.json").read_text())["gamma"]
+    assert s["gamma_used"] == used != fc.gamma
+    row = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])
+    total = row["term_seg"] + used * (row["term_cons1"] + row["term_cons2"])
+    assert row["loss"] == pytest.approx(total, rel=1e-5)
