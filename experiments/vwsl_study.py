@@ -191,6 +191,7 @@ class Study:
         self.work = Path(a.work)
         self.compute = not a.publish_only
         self._data: dict[tuple[str, str, bool], Dataset] = {}
+        self.partial: dict[str, Path] = {}  # unfinished fine-tuning runs seen by finetune()
 
     def data(self, site: str, split: str, masks: bool = True) -> Dataset:
         k = (site, split, masks)
@@ -284,8 +285,10 @@ class Study:
 
         res = unit(self.work / f"{name}.json", do, self.compute and not self.a.no_finetune)
         if res is None and ft.exists():  # running or cut: rank its snapshots so far
+            self.evaluate(f"source-{src}", run, weights, tgt, self.p.oracle_samples)
             for e, f in self.snapshots(ft).items():
                 self.evaluate(f"{name}-e{e:04d}", ft, f, tgt, self.p.oracle_samples)
+            self.partial[name] = ft
         return None if res is None or not res.get("finished") else (ft, res)
 
     def snapshots(self, ft: Path) -> dict[int, Path]:
@@ -376,6 +379,9 @@ def collect(st: Study, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                     continue
                 got_ft = st.finetune(m, src, tgt, seed)
                 if got_ft is None:
+                    cut = partial_curve(st, m, src, tgt, seed, run, weights)
+                    if cut is not None:
+                        curves.append(cut)
                     continue
                 ft, res = got_ft
                 per_epoch, tag = res["steps_per_epoch"], ft.name
@@ -481,6 +487,42 @@ def collect(st: Study, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                     }
                 )
     return rows, curves
+
+
+def partial_curve(
+    st: Study, m: Method, src: str, tgt: str, seed: int, run: Path, weights: Path | None
+) -> dict[str, Any] | None:
+    """The trajectory so far of an unfinished (running or cut) run: oracle-sample Dice of the
+    source and of every snapshot evaluated so far, and the loss terms; no selection."""
+    name = f"ft-{m.reuse or m.name}-{src}-to-{tgt}-s{seed}"
+    ft = st.partial.get(name)
+    if ft is None or m.reuse or not (ft / "metrics.jsonl").exists():
+        return None
+    k = st.p.oracle_samples
+    pts = {0: st.evaluate(f"source-{src}", run, weights, tgt, k)}
+    for e, f in st.snapshots(ft).items():
+        pts[e] = st.evaluate(f"{name}-e{e:04d}", ft, f, tgt, k)
+    metrics = [json.loads(ln) for ln in (ft / "metrics.jsonl").read_text().splitlines() if ln]
+    terms = [
+        {x: v for x, v in r.items() if x.startswith("term_")} for r in (metrics[0], metrics[-1])
+    ]
+    return {
+        "run": f"{name} (unfinished: {len(metrics)} of "
+        f"{load_config(ft / 'config.json').finetune.epochs} epochs)",
+        "train_site": src,
+        "test_site": tgt,
+        "method": m.name,
+        "seed": seed,
+        "oracle_samples": k,
+        "source_check": None,
+        "points": [
+            {"epoch": e, "dice": v["dice_mean"]} for e, v in sorted(pts.items()) if v is not None
+        ],
+        "terms_first_epoch": terms[0],
+        "terms_last_epoch": terms[1],
+        "gamma": load_config(ft / "config.json").finetune.gamma,
+        "unfinished": True,
+    }
 
 
 def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
