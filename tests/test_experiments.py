@@ -136,6 +136,7 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
     assert json.loads((tmp_path / "results" / "capture.json").read_text()) == rows
 
 
+@pytest.mark.slow
 def test_time_to_dice_curves_and_cpu_projection(tmp_path):
     """Two tiny variants (one with a curriculum) on a phantom 'shenzhen'; the CPU projection is
     steps x the bench's seconds per step of each epoch's (batch, NCA steps)."""

@@ -21,6 +21,9 @@ from nca_jax.model import predict_logits, sample_keys
 from nca_jax.phantoms import make_phantom_dataset
 from nca_jax.training import init_state, make_train_step
 
+# every test here shares one exported file, whose conversion takes about a minute
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ex.ExportSpec(batch=2, size=32, train_lr=5e-3, fixed_randomness=True)
 

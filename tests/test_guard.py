@@ -92,6 +92,7 @@ def test_bad_guard_and_method_fields_are_config_errors(field, value):
         FinetuneConfig(**{field: value}).validate()
 
 
+@pytest.mark.slow
 def test_a_collapse_is_caught_and_rolled_back(tiny_run, tmp_path, capsys):
     """Entropy minimisation with a huge learning rate drives the tiny model to a constant
     mask; the prior catches it and weights.npz is the source's again, bit for bit."""

@@ -43,6 +43,7 @@ def _run(code: str, devices: int, *args: str) -> str:
     return r.stdout
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step():
     out = _run(
         """

@@ -66,6 +66,7 @@ def test_a_run_that_could_never_resume_is_refused(cls):
         cls(keep_checkpoints=0).validate()
 
 
+@pytest.mark.slow
 def test_finetune_killed_before_its_first_checkpoint_restarts(tmp_path):
     from nca_jax.config import ModelConfig, RunConfig
     from nca_jax.finetuning import finetune
@@ -94,6 +95,7 @@ def test_finetune_killed_before_its_first_checkpoint_restarts(tmp_path):
     assert _same(ft / "weights_last.npz", tmp_path / "full" / "weights_last.npz")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refresh", [0, 1])
 def test_finetune_resume_equals_an_uninterrupted_run(tmp_path, refresh):
     """Cut after one epoch and resumed: the same weights and metrics as without the cut. Fixed
