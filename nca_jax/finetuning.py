@@ -180,7 +180,9 @@ def finetune(
     stop_after_epochs: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Fine-tunes `params` (trained with config `source`) on data.images with VWSL.
+    """Fine-tunes `params` (trained with config `source`) on data.images with fc.method (VWSL
+    by default); with fc.check_every > 0 the safety net then keeps the latest acceptable check's
+    weights or rolls back to `params` (summary: verdict, criterion, selected_epoch).
 
     data: images (N, H, W); data.masks is ignored (and should be None). Returns the summary."""
     cfg = dataclasses.replace(source, finetune=fc).validate()
