@@ -430,11 +430,13 @@ def collect(st: Study, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                 ranked = {0: st.evaluate(f"source-{src}", run, weights, tgt, p.oracle_samples)}
                 for e, f in st.snapshots(ft).items():
                     ranked[e] = st.evaluate(f"{tag}-e{e:04d}", ft, f, tgt, p.oracle_samples)
-                if any(v is None for v in ranked.values()):
-                    continue
-                best = max(ranked, key=lambda e: ranked[e]["dice_mean"])
+                complete = all(v is not None for v in ranked.values())
+                ranked = {e: v for e, v in ranked.items() if v is not None}
+                best = max(ranked, key=lambda e: ranked[e]["dice_mean"]) if complete else None
                 ev = (
-                    base.get(tgt)
+                    None
+                    if best is None
+                    else base.get(tgt)
                     if best == 0
                     else st.evaluate(f"{tag}-e{best:04d}", ft, st.snapshots(ft)[best], tgt, k)
                 )
