@@ -21,6 +21,7 @@ from nca_jax.config import FinetuneConfig, ModelConfig
 from nca_jax.losses import segmentation_loss
 from nca_jax.model import (
     Params,
+    _level1_to_full,
     as_nhwc,
     crop_patches,
     downscale,
@@ -177,11 +178,7 @@ def entropy_terms(
     keys[2]) from the same state on the patches patch_yx (B, 2); returns {'entropy'}: the
     binary entropy of the mean of the two level-2 probabilities."""
     image = as_nhwc(images)
-    low = downscale(image, cfg.downscale)
-    s1 = rollout(
-        params["level1"], seed_state(low, cfg.channels), low, cfg=cfg, unroll=unroll, key=keys[0]
-    )
-    full = jnp.concatenate([image, upscale(s1, cfg.downscale)[..., 1:]], axis=-1)
+    full = _level1_to_full(params, image, cfg, unroll, key=keys[0])
     patch = crop_patches(full, patch_yx, cfg.patch)
     oa = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=unroll, key=keys[1])
     ob = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=unroll, key=keys[2])
@@ -214,16 +211,7 @@ def finetune_loss(
         return terms["entropy"], terms
     if fc.method == "pseudo-label":
         image = as_nhwc(images)
-        low = downscale(image, cfg.downscale)
-        s1 = rollout(
-            params["level1"],
-            seed_state(low, cfg.channels),
-            low,
-            cfg=cfg,
-            unroll=cfg.unroll,
-            key=k[0],
-        )
-        full = jnp.concatenate([image, upscale(s1, cfg.downscale)[..., 1:]], axis=-1)
+        full = _level1_to_full(params, image, cfg, cfg.unroll, key=k[0])
         patch = crop_patches(full, yx, cfg.patch)
         o2 = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=cfg.unroll, key=k[1])
         seg = segmentation_loss(
