@@ -1,8 +1,6 @@
 """Speed benchmark: python bench.py [--size 256] [--steps 50] [--batch 4 16] --json OUT.json."""
 
-import sys
-
-from nca_jax.bench import main
+from nca_jax.bench import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

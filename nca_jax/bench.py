@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nca_jax.config import ModelConfig, RunConfig, TrainConfig
+from nca_jax.cli import run_cli
+from nca_jax.config import ModelConfig, RunConfig, TrainConfig, atomic_write_text
 from nca_jax.model import init_params, predict_logits, sample_keys
 from nca_jax.predict import ALL, default_parallel, make_predict
 from nca_jax.training import init_state, make_train_step
@@ -147,7 +148,11 @@ def bench_tflite(path: str, reps: int) -> dict[str, float]:
         "finetune": {"image": img, "target": msk, "weight": np.ones_like(img)},
         "sample": {"image": img},
     }
-    out: dict[str, float] = {"tflite_bytes": float(Path(path).stat().st_size)}
+    out: dict[str, float] = {
+        "tflite_bytes": float(Path(path).stat().st_size),
+        "batch": float(b),
+        "size": float(s),
+    }
     for sig, kw in calls.items():
         n = 1 if sig == "sample" else reps
         _, t = timeit(lambda sig=sig, kw=kw: model.run(sig, **kw), n)
@@ -300,12 +305,14 @@ def main(argv: list[str] | None = None) -> int:
             )
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(res, indent=2) + "\n")
     print(f"-> {out}")
     return 0
 
 
+def cli() -> None:
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

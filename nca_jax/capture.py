@@ -53,6 +53,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from tqdm import tqdm
+
+from nca_jax.cli import run_cli
+from nca_jax.render import save_figure
 
 DISPLAYS = ("monitor", "lightbox")
 
@@ -332,11 +336,7 @@ def effects_figure(image: np.ndarray, p: CaptureParams, png: Path) -> None:
         ax.imshow(im, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(name, fontsize=8)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png, dpi=110)
 
 
 def capture_folder(
@@ -375,7 +375,7 @@ def capture_folder(
         if has_masks:
             (tmp / "masks").mkdir()
         cases: dict[str, Any] = {}
-        for name, image_path, mask_path in pairs:
+        for name, image_path, mask_path in tqdm(pairs, desc="capture", disable=None):
             try:
                 grey = read_grey_native(image_path)
                 mask = None
@@ -408,7 +408,7 @@ def capture_folder(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nca_jax.data import DataError, read_grey_native
+    from nca_jax.data import read_grey_native
 
     p = argparse.ArgumentParser(
         prog="python -m nca_jax.capture",
@@ -422,33 +422,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable cases with a warning")
     a = p.parse_args(argv)
-    try:
-        manifest = capture_folder(
-            a.data,
-            a.out,
-            a.preset,
-            a.seed,
-            overwrite=a.overwrite,
-            skip_bad=a.skip_bad,
-            warn=lambda m: print(f"warning: {m}", file=sys.stderr),
-        )
-        if a.figure:
-            first = sorted(manifest["cases"])[0]
-            from nca_jax.data import find_pairs
+    manifest = capture_folder(
+        a.data,
+        a.out,
+        a.preset,
+        a.seed,
+        overwrite=a.overwrite,
+        skip_bad=a.skip_bad,
+        warn=lambda m: print(f"warning: {m}", file=sys.stderr),
+    )
+    if a.figure:
+        first = sorted(manifest["cases"])[0]
+        from nca_jax.data import find_pairs
 
-            path = {n: ip for n, ip, _ in find_pairs(a.data, require_masks=False)}[first]
-            effects_figure(
-                read_grey_native(path),
-                draw_params(PRESETS[a.preset], case_rng(a.seed, first)),
-                Path(a.figure),
-            )
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        path = {n: ip for n, ip, _ in find_pairs(a.data, require_masks=False)}[first]
+        effects_figure(
+            read_grey_native(path),
+            draw_params(PRESETS[a.preset], case_rng(a.seed, first)),
+            Path(a.figure),
+        )
     n = len(manifest["cases"])
     print(f"wrote {n} captured images ({a.preset}, seed {a.seed}) to {a.out}")
     return 0
 
 
+def cli() -> None:
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli()

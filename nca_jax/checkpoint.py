@@ -25,11 +25,8 @@ from nca_jax.config import (
     load_config,
     to_json,
 )
+from nca_jax.errors import RunError  # noqa: F401 (re-exported)
 from nca_jax.model import Params, init_params
-
-
-class RunError(ValueError):
-    """A run folder or weights file that cannot be used; str(e) names the path."""
 
 
 def flatten_params(params: Params) -> dict[str, np.ndarray]:

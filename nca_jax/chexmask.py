@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from nca_jax.data import DataError
+from nca_jax.errors import DataError
 
 ID_COLUMNS = ("ImageID", "Image Index", "dicom_id", "Path", "image_id")
 LUNG_COLUMNS = ("Left Lung", "Right Lung")

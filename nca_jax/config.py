@@ -9,10 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration file or value that cannot be used."""
-
+from nca_jax.errors import ConfigError  # noqa: F401 (re-exported)
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
@@ -261,7 +258,12 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
     train = _build(TrainConfig, data.get("train", {}), f"{where} [train]")
     ft = data.get("finetune")
     finetune = None if ft is None else _build(FinetuneConfig, ft, f"{where} [finetune]")
-    return RunConfig(model=model, train=train, finetune=finetune).validate()
+    try:
+        return RunConfig(model=model, train=train, finetune=finetune).validate()
+    except ConfigError as e:  # validation names the field; say which file it is in too
+        if str(e).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

@@ -25,14 +25,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from nca_jax.errors import DataError  # noqa: F401 (re-exported)
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 _NNUNET_IMAGE_STEM = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
 # Pillow modes whose pixel values are read as numbers directly (no 8-bit conversion).
 _NUMERIC_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-class DataError(ValueError):
-    """Bad input data; str(e) is one line naming the file and the problem."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

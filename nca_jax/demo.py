@@ -13,9 +13,8 @@ from pathlib import Path
 from nca_jax.cli import run_cli
 from nca_jax.config import load_config, with_overrides
 from nca_jax.evaluate import main as evaluate_main
-from nca_jax.phantoms import make_phantom_dataset
-from nca_jax.train_cli import PHANTOM_TRAIN_SEED, PHANTOM_VAL_SEED
-from nca_jax.training import TrainingError, train_and_evaluate
+from nca_jax.phantoms import PHANTOM_TRAIN_SEED, PHANTOM_VAL_SEED, make_phantom_dataset
+from nca_jax.training import train_and_evaluate
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.json"
 
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    run_cli(main, extra=(TrainingError,))
+    run_cli(main)
 
 
 if __name__ == "__main__":

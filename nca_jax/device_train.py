@@ -19,23 +19,21 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
+from nca_jax.cli import run_cli
 from nca_jax.config import atomic_write_bytes, atomic_write_text, to_json
-from nca_jax.data import DataError, Dataset, load_folder, load_split
+from nca_jax.data import Dataset, load_folder, load_split
+from nca_jax.errors import DeviceError  # noqa: F401 (re-exported)
 from nca_jax.paths import check_output_folder
 
 PAPER_TRAIN_EPOCHS, PAPER_FINETUNE_EPOCHS, PAPER_IMAGES = 1500, 100, 50
-
-
-class DeviceError(ValueError):
-    """A model file, weights file or option the stand-in cannot use."""
 
 
 class TFLiteModel:
@@ -164,9 +162,12 @@ def _epochs(
     n = len(next(iter(inputs.values())))
     times: list[float] = []
     lines = []
+    steps = epochs * (n // model.batch)
+    bar = tqdm(total=steps, desc=f"device {signature}", unit="step", disable=None)
     for epoch in range(1, epochs + 1):
         losses = []
         for idx in model.batches(n, rng):
+            bar.update(1)
             t0 = time.perf_counter()
             r = model.run(signature, **{k: v[idx] for k, v in inputs.items()})
             times.append(time.perf_counter() - t0)
@@ -180,6 +181,7 @@ def _epochs(
                 raise DeviceError(f"{signature}: loss became non-finite at epoch {epoch}")
         lines.append(json.dumps({"epoch": epoch, "loss": float(np.mean(losses))}))
         atomic_write_text(out / "metrics.jsonl", "\n".join(lines) + "\n")
+    bar.close()
     warm = times[1:] if len(times) > 1 else times
     return times, float(np.median(warm))
 
@@ -251,7 +253,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     images = nhwc(data.images)
     targets, weights, sample_times = [], [], []
-    for idx in model.batches(len(data), None):
+    for idx in tqdm(model.batches(len(data), None), desc="device targets", disable=None):
         ts = time.perf_counter()
         r = model.run("sample", image=images[idx])
         sample_times.append(time.perf_counter() - ts)
@@ -288,7 +290,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     pad = (-n) % model.batch  # fill the last batch with copies; their outputs are dropped
     padded = np.concatenate([images, images[:pad]]) if pad else images
     times = []
-    for start in range(0, len(padded), model.batch):
+    for start in tqdm(range(0, len(padded), model.batch), desc="device predict", disable=None):
         t0 = time.perf_counter()
         r = model.run("sample", image=padded[start : start + model.batch])
         times.append(time.perf_counter() - t0)
@@ -337,12 +339,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    try:
-        return {"train": cmd_train, "finetune": cmd_finetune, "predict": cmd_predict}[a.command](a)
-    except (DeviceError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return {"train": cmd_train, "finetune": cmd_finetune, "predict": cmd_predict}[a.command](a)
+
+
+def cli() -> None:
+    run_cli(main)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

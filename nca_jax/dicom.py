@@ -4,7 +4,7 @@ The stored values become what a radiologist sees: the modality LUT (RescaleSlope
 RescaleIntercept, or a Modality LUT Sequence), then the file's first VOI window (WindowCenter /
 WindowWidth, or a VOI LUT Sequence) when it has one, then MONOCHROME1 (white = low values) is
 inverted so that bone is bright as in MONOCHROME2. pydicom does the LUT arithmetic. Every
-problem is a one-line :class:`~nca_jax.data.DataError` naming the file.
+problem is a one-line :class:`~nca_jax.errors.DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from nca_jax.errors import DataError
+
 
 def _error(path: Path, text: str) -> Exception:
-    from nca_jax.data import DataError
-
     return DataError(f"{path}: {' '.join(text.split())}")
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from PIL import Image
-from scipy import ndimage
+from tqdm import tqdm
 
 from nca_jax import checkpoint as ckpt
 from nca_jax.cli import run_cli
@@ -31,32 +31,14 @@ from nca_jax.data import Dataset, load_folder, load_split
 from nca_jax.metrics import case_metrics, summarize
 from nca_jax.model import Params
 from nca_jax.paths import check_output_folder
-from nca_jax.predict import make_predict, predict_dataset
-
-STD_DISPLAY_MAX = 0.5  # the largest possible std of a probability: maps to white / top colour
-
-
-def _boundary(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask)
-
-
-def overlay_rgb(image: np.ndarray, pred: np.ndarray, target: np.ndarray | None) -> np.ndarray:
-    """(H, W) image and boolean masks -> (H, W, 3) uint8: prediction outline red, truth green."""
-    grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
-    rgb = np.stack([grey] * 3, -1)
-    if target is not None:
-        rgb[_boundary(target)] = (0, 255, 0)
-    rgb[_boundary(pred)] = (255, 0, 0)
-    return rgb
-
-
-def std_rgb(std: np.ndarray) -> np.ndarray:
-    """(H, W) per-pixel std in [0, 0.5] -> (H, W, 3) uint8 with the 'magma' colour map."""
-    from matplotlib import colormaps
-
-    return (colormaps["magma"](np.clip(std / STD_DISPLAY_MAX, 0, 1))[..., :3] * 255).astype(
-        np.uint8
-    )
+from nca_jax.predict import bar_off, make_history, make_predict, predict_dataset
+from nca_jax.render import (  # noqa: F401 (overlay_rgb, std_rgb re-exported)
+    overlay_rgb,
+    rollout_frames,
+    save_gif,
+    save_image,
+    std_rgb,
+)
 
 
 def write_case_pngs(
@@ -64,10 +46,10 @@ def write_case_pngs(
 ) -> None:
     """probs (S, H, W) -> NAME_pred.png (0/255), NAME_std.png (colour), NAME_overlay.png."""
     pred = probs.mean(0) > 0.5
-    Image.fromarray((pred * 255).astype(np.uint8)).save(folder / f"{name}_pred.png")
-    Image.fromarray(std_rgb(probs.std(0))).save(folder / f"{name}_std.png")
+    save_image(folder / f"{name}_pred.png", (pred * 255).astype(np.uint8))
+    save_image(folder / f"{name}_std.png", std_rgb(probs.std(0)))
     tgt = None if target is None else target > 0.5
-    Image.fromarray(overlay_rgb(image, pred, tgt)).save(folder / f"{name}_overlay.png")
+    save_image(folder / f"{name}_overlay.png", overlay_rgb(image, pred, tgt))
 
 
 def _sha256(path: Path) -> str:
@@ -83,11 +65,14 @@ def evaluate(
     seed: int = 0,
     chunk: int = 4,
     png_dir: Path | None = None,
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     """Scores `params` on `data` (masks optional). Returns the summary dict (see module doc)."""
     t0 = time.perf_counter()
     predict = make_predict(cfg.model, samples)
-    probs = predict_dataset(predict, params, data.images, jax.random.key(seed), chunk=chunk)
+    probs = predict_dataset(
+        predict, params, data.images, jax.random.key(seed), chunk=chunk, progress=progress
+    )
     cases = []
     for i, name in enumerate(data.names):
         target = None if data.masks is None else data.masks[i] > 0.5
@@ -106,6 +91,31 @@ def evaluate(
             out["hd95_undefined"] = s["n_nan"]
     out["seconds"] = time.perf_counter() - t0
     out["cases"] = cases
+    return out
+
+
+def write_animations(
+    cfg: RunConfig,
+    params: Params,
+    data: Dataset,
+    folder: Path,
+    *,
+    seed: int = 0,
+    every: int = 1,
+    progress: bool | None = False,
+) -> list[Path]:
+    """NAME_rollout.gif per case in `folder`: the lung channel over the image after each NCA
+    step, level 1 then level 2, of the case's first sample (the same keys as sample 0 of
+    evaluate(seed=seed), so the last frame is that prediction). Returns the files written."""
+    history = make_history(cfg.model)
+    key = jax.random.key(seed)
+    out = []
+    for i in tqdm(range(len(data.names)), desc="animations", disable=bar_off(progress)):
+        l1, l2 = history(params, jnp.asarray(data.images[i]), key, jnp.int32(i))
+        frames = rollout_frames(data.images[i], np.asarray(l1), np.asarray(l2), every=every)
+        path = folder / f"{data.names[i]}_rollout.gif"
+        save_gif(path, frames)
+        out.append(path)
     return out
 
 
@@ -152,6 +162,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "predictions per call; much larger calls ran slower per image on this CPU)",
     )
     p.add_argument("--no-png", action="store_true", help="skip the per-case PNGs")
+    p.add_argument(
+        "--animate",
+        action="store_true",
+        help="also write cases/NAME_rollout.gif: the NCA's rollout (level 1, then level 2) of "
+        "each case's first sample, the lung channel over the image",
+    )
+    p.add_argument(
+        "--animate-every", type=int, default=2, help="one GIF frame per this many NCA steps"
+    )
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)
 
@@ -159,8 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     a.chunk = a.chunk or max(1, 10 // max(a.samples, 1))
-    if a.samples < 1 or a.chunk < 1:
-        raise ckpt.RunError("--samples and --chunk must be >= 1")
+    if a.samples < 1 or a.chunk < 1 or a.animate_every < 1:
+        raise ckpt.RunError("--samples, --chunk and --animate-every must be >= 1")
     inputs = (a.run, a.weights, a.data, a.split, a.chexmask)
     out = check_output_folder(a.out, inputs, marker="summary.json", what="evaluation folder")
     if out.exists() and any(out.iterdir()) and not a.overwrite:
@@ -168,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params = ckpt.load_run(a.run, a.weights)
     size = cfg.train.image_size
     if a.data is None:
-        from nca_jax.phantoms import make_phantom_dataset
-        from nca_jax.train_cli import PHANTOM_TEST_SEED
+        from nca_jax.phantoms import PHANTOM_TEST_SEED, make_phantom_dataset
 
         data = make_phantom_dataset(20, PHANTOM_TEST_SEED, size)
     else:
@@ -186,12 +204,24 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
     try:
         png_dir = None
+        if not a.no_png or a.animate:
+            (tmp / "cases").mkdir()
         if not a.no_png:
             png_dir = tmp / "cases"
-            png_dir.mkdir()
         summary = evaluate(
-            cfg, params, data, samples=a.samples, seed=a.seed, chunk=a.chunk, png_dir=png_dir
+            cfg,
+            params,
+            data,
+            samples=a.samples,
+            seed=a.seed,
+            chunk=a.chunk,
+            png_dir=png_dir,
+            progress=None,
         )
+        if a.animate:
+            write_animations(
+                cfg, params, data, tmp / "cases", seed=a.seed, every=a.animate_every, progress=None
+            )
         wpath = Path(a.weights) if a.weights else Path(a.run) / "weights.npz"
         summary = {
             "run": str(a.run),

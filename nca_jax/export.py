@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from nca_jax.checkpoint import flatten_params, unflatten_params
 from nca_jax.config import (
@@ -42,17 +43,14 @@ from nca_jax.config import (
     atomic_write_bytes,
     atomic_write_text,
 )
+from nca_jax.errors import ExportError  # noqa: F401 (re-exported)
 from nca_jax.model import Params, Randomness, predict_logits
+from nca_jax.predict import bar_off
 from nca_jax.training import TrainState, make_optimizer, supervised_loss, update_state
 from nca_jax.vwsl import vwsl_loss
 
 SIGNATURES = ("infer", "sample", "train", "finetune", "get_weights", "set_weights")
 EXTRA_SIGNATURES = ("get_optimizer_state",)
-FIXED_SIGNATURES = ("infer_fixed", "train_fixed", "finetune_fixed")
-
-
-class ExportError(ValueError):
-    """An export that cannot be made; str(e) says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,40 +213,89 @@ class Functions:
 # ------------------------------------------------------------------------------ TF wrapper
 
 
-def _build_module(fns: Functions) -> Any:
-    """A tf.Module with variables and one tf.function per signature."""
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """One stochastic signature: its data inputs ((B, S, S, 1) float32 each), its random inputs
+    (name, kind: m1i / m2i inference fire masks, m1t / m2t training ones, yx patch corners) in
+    the order they are drawn, and its output key. NAME draws the random inputs on the device;
+    NAME_fixed takes them as inputs (tests compare it with the training path)."""
+
+    name: str
+    data: tuple[str, ...]
+    random: tuple[tuple[str, str], ...]
+    output: str
+
+
+STOCHASTIC = (
+    Signature("infer", ("image",), (("masks1", "m1i"), ("masks2", "m2i")), "probabilities"),
+    Signature(
+        "train",
+        ("image", "mask"),
+        (("masks1", "m1t"), ("masks2", "m2t"), ("patch_yx", "yx")),
+        "loss",
+    ),
+    Signature(
+        "finetune",
+        ("image", "target", "weight"),
+        (
+            ("masks1a", "m1t"),
+            ("masks1b", "m1t"),
+            ("masks2a", "m2t"),
+            ("masks2b", "m2t"),
+            ("patch_yx", "yx"),
+        ),
+        "loss",
+    ),
+)
+FIXED_SIGNATURES = tuple(f"{sig.name}_fixed" for sig in STOCHASTIC)
+
+
+class _Draws:
+    """The device's random draws, seeded per op (spec.seed != 0): a loaded file replays the same
+    stream (reproducible runs), which advances with every call; seed 0 leaves the runtime to
+    seed them. Each draw site gets the next op seed in tracing order."""
+
+    def __init__(self, fns: Functions) -> None:
+        self.mc, self.spec = fns.mc, fns.spec
+        self.shapes = dict(zip(("m1i", "m2i"), fns.mask_shapes(train=False), strict=True))
+        self.shapes.update(zip(("m1t", "m2t"), fns.mask_shapes(train=True), strict=True))
+        self.shapes["yx"] = (self.spec.batch, 2)
+        self.n_corner = self.spec.size - self.mc.patch + 1
+        self._seeds = iter(range(1, 1_000_000))
+
+    def tensor_spec(self, kind: str, name: str) -> Any:
+        import tensorflow as tf
+
+        dtype = tf.int32 if kind == "yx" else tf.float32
+        return tf.TensorSpec(self.shapes[kind], dtype, name=name)
+
+    def _uniform(self, shape: tuple[int, ...]) -> Any:
+        import tensorflow as tf
+
+        if self.spec.seed == 0:
+            return tf.random.uniform(shape)
+        return tf.random.uniform(shape, seed=self.spec.seed * 1000 + next(self._seeds))
+
+    def draw(self, kind: str) -> Any:
+        import tensorflow as tf
+
+        u = self._uniform(self.shapes[kind])
+        if kind == "yx":
+            return tf.minimum(tf.cast(tf.floor(u * self.n_corner), tf.int32), self.n_corner - 1)
+        return tf.cast(u < self.mc.fire_rate, tf.float32)
+
+
+def _module_class() -> type:
+    """The tf.Module class (built on first use, so that importing this module needs no
+    TensorFlow): variables for the weights, both optimizers' states and step counters; the
+    converted JAX functions as cores; the signatures generated from STOCHASTIC."""
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    mc, spec = fns.mc, fns.spec
-    b, s = spec.batch, spec.size
-    img_spec = tf.TensorSpec((b, s, s, 1), tf.float32)
-    m1i, m2i = fns.mask_shapes(train=False)
-    m1t, m2t = fns.mask_shapes(train=True)
-    infer_tf = jax2tf.convert(fns.infer, with_gradient=False)
-    train_tf = jax2tf.convert(fns.train, with_gradient=False)
-    ft_tf = jax2tf.convert(fns.finetune, with_gradient=False)
-    n_corner = s - mc.patch + 1
-
-    seeds = iter(range(1, 1_000_000))  # a distinct op seed per draw site
-
-    def uniform(shape: tuple[int, ...]) -> Any:
-        # Seeded per op: a loaded file replays the same stream of draws (reproducible runs);
-        # the stream advances with every call. spec.seed = 0 leaves the runtime to seed it.
-        if spec.seed == 0:
-            return tf.random.uniform(shape)
-        return tf.random.uniform(shape, seed=spec.seed * 1000 + next(seeds))
-
-    def draw_mask(shape: tuple[int, ...]) -> Any:
-        return tf.cast(uniform(shape) < mc.fire_rate, tf.float32)
-
-    def draw_yx() -> Any:
-        u = uniform((b, 2))
-        return tf.minimum(tf.cast(tf.floor(u * n_corner), tf.int32), n_corner - 1)
-
-    class NCAModule(tf.Module):
-        def __init__(self) -> None:
+    class ExportModule(tf.Module):
+        def __init__(self, fns: Functions) -> None:
             super().__init__()
+            self.names = fns.names
             self.w = [
                 tf.Variable(np.asarray(x), name=signature_name(n))
                 for n, x in zip(fns.names, fns.params0, strict=True)
@@ -257,145 +304,141 @@ def _build_module(fns: Functions) -> Any:
             self.ft_opt = [tf.Variable(np.asarray(x)) for x in fns.ft_opt0]
             self.train_step = tf.Variable(np.int32(0))
             self.ft_step = tf.Variable(np.int32(0))
+            self._infer_tf = jax2tf.convert(fns.infer, with_gradient=False)
+            self._train_tf = jax2tf.convert(fns.train, with_gradient=False)
+            self._ft_tf = jax2tf.convert(fns.finetune, with_gradient=False)
+            self.cores = {"infer": self._infer, "train": self._train, "finetune": self._finetune}
 
-        def _read(self, vs: list) -> list:
+        @staticmethod
+        def _read(vs: list) -> list:
             return [v.read_value() for v in vs]
 
-        def _assign(self, vs: list, xs: list) -> list:
+        @staticmethod
+        def _assign(vs: list, xs: list) -> list:
             return [v.assign(x) for v, x in zip(vs, xs, strict=True)]
 
-        def _infer(self, image, m1, m2):
-            return infer_tf(self._read(self.w), image, m1, m2)
+        def _infer(self, image: Any, m1: Any, m2: Any) -> Any:
+            return self._infer_tf(self._read(self.w), image, m1, m2)
 
-        def _step(self, fn, opt: list, step: Any, *inputs: Any) -> Any:
+        def _step(self, fn: Any, opt: list, step: Any, *inputs: Any) -> Any:
             """One converted optimizer step: read the variables, assign the results, -> loss."""
             p, o, st, loss = fn(self._read(self.w), self._read(opt), step.read_value(), *inputs)
             deps = self._assign(self.w, p) + self._assign(opt, o) + [step.assign(st)]
             with tf.control_dependencies(deps):
                 return tf.identity(loss)
 
-        def _train(self, *inputs):  # image, mask, masks1, masks2, patch_yx
-            return self._step(train_tf, self.train_opt, self.train_step, *inputs)
+        def _train(self, *inputs: Any) -> Any:  # image, mask, masks1, masks2, patch_yx
+            return self._step(self._train_tf, self.train_opt, self.train_step, *inputs)
 
-        def _finetune(self, *inputs):  # image, target, weight, 4 x masks, patch_yx
-            return self._step(ft_tf, self.ft_opt, self.ft_step, *inputs)
+        def _finetune(self, *inputs: Any) -> Any:  # image, target, weight, 4 x masks, patch_yx
+            return self._step(self._ft_tf, self.ft_opt, self.ft_step, *inputs)
 
-        @tf.function(autograph=False, input_signature=[img_spec])
-        def infer(self, image):
-            return {"probabilities": self._infer(image, draw_mask(m1i), draw_mask(m2i))}
-
-        @tf.function(autograph=False, input_signature=[img_spec])
-        def sample(self, image):
-            probs = tf.stack(
-                [self._infer(image, draw_mask(m1i), draw_mask(m2i)) for _ in range(spec.samples)]
-            )
-            mean = tf.reduce_mean(probs, axis=0)
-            std = tf.sqrt(tf.reduce_mean(tf.square(probs - mean), axis=0))
-            return {"mean": mean, "std": std}
-
-        @tf.function(autograph=False, input_signature=[img_spec, img_spec])
-        def train(self, image, mask):
-            loss = self._train(image, mask, draw_mask(m1t), draw_mask(m2t), draw_yx())
-            return {"loss": loss}
-
-        @tf.function(autograph=False, input_signature=[img_spec] * 3)
-        def finetune(self, image, target, weight):
-            loss = self._finetune(
-                image,
-                target,
-                weight,
-                draw_mask(m1t),
-                draw_mask(m1t),
-                draw_mask(m2t),
-                draw_mask(m2t),
-                draw_yx(),
-            )
-            return {"loss": loss}
-
-        @tf.function(autograph=False, input_signature=[])
-        def get_weights(self):
+        def _get_weights(self) -> dict[str, Any]:
             return {
-                signature_name(n): v.read_value() for n, v in zip(fns.names, self.w, strict=True)
+                signature_name(n): v.read_value() for n, v in zip(self.names, self.w, strict=True)
             }
 
-        @tf.function(
-            autograph=False,
-            input_signature=[
-                tf.TensorSpec(x.shape, tf.float32, name=signature_name(n))
-                for n, x in zip(fns.names, fns.params0, strict=True)
-            ],
-        )
-        def set_weights(self, *xs):
-            deps = self._assign(self.w, list(xs))
-            with tf.control_dependencies(deps):
+        def _set_weights(self, *xs: Any) -> dict[str, Any]:
+            with tf.control_dependencies(self._assign(self.w, list(xs))):
                 return {"count": tf.constant(len(xs), tf.int32)}
 
-        @tf.function(autograph=False, input_signature=[])
-        def get_optimizer_state(self):
+        def _get_optimizer_state(self) -> dict[str, Any]:
             out = {f"train_opt_{i}": v.read_value() for i, v in enumerate(self.train_opt)}
             out.update({f"finetune_opt_{i}": v.read_value() for i, v in enumerate(self.ft_opt)})
             out["train_step"] = self.train_step.read_value()
             out["finetune_step"] = self.ft_step.read_value()
             return out
 
-        @tf.function(
-            autograph=False,
-            input_signature=[
-                img_spec,
-                tf.TensorSpec(m1i, tf.float32),
-                tf.TensorSpec(m2i, tf.float32),
-            ],
+    return ExportModule
+
+
+def _build_module(fns: Functions) -> Any:
+    """The tf.Module with one tf.function per signature (each draws its op seeds when traced,
+    in the order convert() traces them)."""
+    import tensorflow as tf
+
+    module = _module_class()(fns)
+    draws = _Draws(fns)
+    b, s = fns.spec.batch, fns.spec.size
+
+    def data_specs(sig: Signature) -> list[Any]:
+        return [tf.TensorSpec((b, s, s, 1), tf.float32, name=n) for n in sig.data]
+
+    def fn(f: Callable, specs: list[Any]) -> Any:
+        return tf.function(f, input_signature=specs, autograph=False)
+
+    def drawn_and_fixed(sig: Signature) -> tuple[Callable, Callable]:
+        # closures, not default arguments: tf.function would take those for inputs
+        core = module.cores[sig.name]
+
+        def drawn(*data: Any) -> dict[str, Any]:
+            return {sig.output: core(*data, *(draws.draw(kind) for _, kind in sig.random))}
+
+        def fixed(*inputs: Any) -> dict[str, Any]:
+            return {sig.output: core(*inputs)}
+
+        return drawn, fixed
+
+    for sig in STOCHASTIC:
+        drawn, fixed = drawn_and_fixed(sig)
+        setattr(module, sig.name, fn(drawn, data_specs(sig)))
+        rand = [draws.tensor_spec(kind, name) for name, kind in sig.random]
+        setattr(module, f"{sig.name}_fixed", fn(fixed, data_specs(sig) + rand))
+
+    infer_sig = STOCHASTIC[0]
+
+    def sample(image: Any) -> dict[str, Any]:
+        probs = tf.stack(
+            [
+                module.cores["infer"](image, *(draws.draw(k) for _, k in infer_sig.random))
+                for _ in range(fns.spec.samples)
+            ]
         )
-        def infer_fixed(self, image, masks1, masks2):
-            return {"probabilities": self._infer(image, masks1, masks2)}
+        mean = tf.reduce_mean(probs, axis=0)
+        std = tf.sqrt(tf.reduce_mean(tf.square(probs - mean), axis=0))
+        return {"mean": mean, "std": std}
 
-        @tf.function(
-            autograph=False,
-            input_signature=[
-                img_spec,
-                img_spec,
-                tf.TensorSpec(m1t, tf.float32),
-                tf.TensorSpec(m2t, tf.float32),
-                tf.TensorSpec((b, 2), tf.int32),
-            ],
-        )
-        def train_fixed(self, image, mask, masks1, masks2, patch_yx):
-            return {"loss": self._train(image, mask, masks1, masks2, patch_yx)}
-
-        @tf.function(
-            autograph=False,
-            input_signature=[img_spec] * 3
-            + [tf.TensorSpec(m1t, tf.float32)] * 2
-            + [tf.TensorSpec(m2t, tf.float32)] * 2
-            + [tf.TensorSpec((b, 2), tf.int32)],
-        )
-        def finetune_fixed(
-            self, image, target, weight, masks1a, masks1b, masks2a, masks2b, patch_yx
-        ):
-            loss = self._finetune(
-                image, target, weight, masks1a, masks1b, masks2a, masks2b, patch_yx
-            )
-            return {"loss": loss}
-
-    return NCAModule()
+    module.sample = fn(sample, data_specs(infer_sig))
+    module.get_weights = fn(module._get_weights, [])
+    weight_specs = [
+        tf.TensorSpec(x.shape, tf.float32, name=signature_name(n))
+        for n, x in zip(fns.names, fns.params0, strict=True)
+    ]
+    module.set_weights = fn(module._set_weights, weight_specs)
+    module.get_optimizer_state = fn(module._get_optimizer_state, [])
+    return module
 
 
-def convert(cfg: RunConfig, params: Params, spec: ExportSpec) -> bytes:
-    """The .tflite flatbuffer for `params` of the model in `cfg` (builtin ops only)."""
+def convert(
+    cfg: RunConfig, params: Params, spec: ExportSpec, progress: bool | None = False
+) -> bytes:
+    """The .tflite flatbuffer for `params` of the model in `cfg` (builtin ops only);
+    progress: a bar over the stages (None = only on a terminal)."""
     import tensorflow as tf
 
     spec.validate(cfg)
     fns = Functions(cfg, spec, params)
-    module = _build_module(fns)
     keys = signature_keys(spec)
-    sigs = {k: getattr(module, k).get_concrete_function() for k in keys}
+    module = _build_module(fns)
+    bar = tqdm(total=len(keys) + 2, desc="export", unit="stage", disable=bar_off(progress))
+    sigs = {}
+    for k in keys:  # tracing order fixes the device draws' op seeds
+        bar.set_postfix_str(f"tracing {k}")
+        sigs[k] = getattr(module, k).get_concrete_function()
+        bar.update(1)
     with tempfile.TemporaryDirectory() as d:
+        bar.set_postfix_str("saved model")
         tf.saved_model.save(module, d, signatures=sigs)
+        bar.update(1)
+        bar.set_postfix_str("converting")
         conv = tf.lite.TFLiteConverter.from_saved_model(d, signature_keys=keys)
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         conv.experimental_enable_resource_variables = True
         conv._experimental_unfold_large_splat_constant = True
-        return conv.convert()
+        model = conv.convert()
+        bar.update(1)
+        bar.close()
+        return model
 
 
 def subgraph_ops(model: bytes) -> list[set[str]]:
@@ -430,10 +473,11 @@ def export(
     spec: ExportSpec,
     out: str | os.PathLike,
     source: str = "",
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     """Writes out (.tflite) and out + '.json' (config, spec, signatures, ops, size) atomically."""
     out = Path(out)
-    model = convert(cfg, params, spec)
+    model = convert(cfg, params, spec, progress=progress)
     ops = op_names(model)
     info = {
         "source_run": source,

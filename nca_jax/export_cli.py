@@ -8,8 +8,8 @@ import time
 
 from nca_jax import checkpoint as ckpt
 from nca_jax.cli import run_cli
-from nca_jax.config import ConfigError, load_config
-from nca_jax.export import SIGNATURES, ExportError, ExportSpec, export
+from nca_jax.config import load_config
+from nca_jax.export import SIGNATURES, ExportSpec, export
 from nca_jax.paths import check_output_file
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         source = f"untrained ({a.config}, init seed {a.init_seed})"
     spec.validate(cfg)  # before the slow conversion
     t0 = time.perf_counter()
-    info = export(cfg, params, spec, a.out, source=source)
+    info = export(cfg, params, spec, a.out, source=source, progress=None)
     print(
         json.dumps(
             {
@@ -99,4 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    run_cli(main, extra=(ExportError, ConfigError))
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,7 +14,6 @@ from nca_jax.config import ConfigError, FinetuneConfig, load_config
 from nca_jax.data import load_folder, load_split
 from nca_jax.finetuning import finetune
 from nca_jax.paths import check_output_folder
-from nca_jax.training import TrainingError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,4 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    run_cli(main, extra=(TrainingError,))
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image
 
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import FinetuneConfig, RunConfig
@@ -26,7 +25,10 @@ from nca_jax.metrics import foreground_fraction, quality_score
 from nca_jax.model import Params
 from nca_jax.predict import make_predict, predict_dataset
 from nca_jax.predict import sample as predict_sample
+from nca_jax.render import save_image, std_rgb
 from nca_jax.training import (
+    Hooks,
+    Stop,
     TrainState,
     fit,
     make_optimizer,
@@ -152,19 +154,24 @@ def make_finetune_step(cfg: RunConfig) -> Callable:
     return make_update_step(make_optimizer(fc), loss_fn)
 
 
-def sample(params: Params, cfg: RunConfig, images: np.ndarray, key: jax.Array) -> np.ndarray:
+def sample(
+    params: Params,
+    cfg: RunConfig,
+    images: np.ndarray,
+    key: jax.Array,
+    progress: bool | None = False,
+    desc: str = "sampling",
+) -> np.ndarray:
     """cfg.finetune.samples predictions per image: (S, N, H, W) probabilities."""
-    return predict_sample(params, cfg.model, images, key, cfg.finetune.samples)
+    return predict_sample(
+        params, cfg.model, images, key, cfg.finetune.samples, progress=progress, desc=desc
+    )
 
 
 def _write_std_pngs(folder: Path, names: tuple[str, ...], probs: np.ndarray, tag: str) -> None:
-    from nca_jax.evaluate import std_rgb
-
     folder.mkdir(exist_ok=True)
     for i, name in enumerate(names):
-        tmp = folder / f".{name}_std_{tag}.tmp.png"
-        Image.fromarray(std_rgb(probs[:, i].std(0))).save(tmp)
-        tmp.replace(folder / f"{name}_std_{tag}.png")
+        save_image(folder / f"{name}_std_{tag}.png", std_rgb(probs[:, i].std(0)))
 
 
 def finetune(
@@ -202,7 +209,9 @@ def finetune(
     # per-image arrays derived from the users' images; refreshed targets are checkpointed.
     t = w = None
     if fresh or fc.refresh_every == 0:
-        probs_before = sample(params, cfg, data.images, target_key)
+        probs_before = sample(
+            params, cfg, data.images, target_key, progress=progress, desc="VWSL targets"
+        )
         t, w = (
             np.asarray(x)
             for x in targets_from_probs(probs_before, fc.target_reduce, fc.weight_kind)
@@ -267,18 +276,18 @@ def finetune(
         fixed,
         out,
         carried=carried,
-        refresh=refresh,
         resume=resume,
         progress=progress,
-        stop_after_epochs=stop_after_epochs,
-        schedule=make_optimizer_schedule(fc),
+        stop=Stop(stop_after_epochs),
+        hooks=Hooks(
+            refresh=refresh, on_epoch_end=on_epoch_end, schedule=make_optimizer_schedule(fc)
+        ),
         log=log,
         summary_extra={
             "finetune_source": data.source,
             "source_run": fc.source_run,
             "gamma_used": step_cfg.finetune.gamma,
         },
-        on_epoch_end=on_epoch_end,
     )
     if summary["finished"] and fc.check_every > 0:
         summary.update(apply_verdict(out, params, fc))
@@ -286,7 +295,7 @@ def finetune(
     if summary["finished"] and uncertainty_after:
         _, final = ckpt.load_run(out)
         ukey = jax.random.fold_in(root, UNCERTAINTY_KEY)
-        probs_after = sample(final, cfg, data.images, ukey)
+        probs_after = sample(final, cfg, data.images, ukey, progress=progress, desc="uncertainty")
         _write_std_pngs(out / "uncertainty", data.names, probs_after, "after")
         path = out / "uncertainty.json"
         rows = json.loads(path.read_text()) if path.exists() else {}

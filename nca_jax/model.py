@@ -246,6 +246,19 @@ def rollout(
     return state
 
 
+def rollout_history(
+    level_params: Params, state: jax.Array, image: jax.Array, *, cfg: ModelConfig, key: jax.Array
+) -> jax.Array:
+    """rollout(key=key) keeping every step: state (B, H, W, C) -> (steps, B, H, W, C), the state
+    after each step (the last one is rollout's result; same keys, same draws)."""
+
+    def body(s: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        new = nca_step(level_params, s, image, cfg=cfg, key=k)
+        return new, new
+
+    return jax.lax.scan(body, state, step_keys(key, cfg.steps))[1]
+
+
 # ----------------------------------------------------------------------------- two levels
 
 
@@ -361,6 +374,24 @@ def predict_state(
         r1, r2 = {"masks": randomness.masks1}, {"masks": randomness.masks2}
     state = _level1_to_full(params, image, cfg, unroll, **r1)
     return rollout(params["level2"], state, image, cfg=cfg, unroll=unroll, **r2)
+
+
+def predict_history(
+    params: Params, image: jax.Array, *, cfg: ModelConfig, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The lung logits after every NCA step of one prediction (same draws as
+    predict_logits(key=key)): image (B, H, W[, 1]) -> (level 1 (steps, B, H, W) upsampled to
+    full size, level 2 (steps, B, H, W)); level2[-1] is predict_logits' result."""
+    image = as_nhwc(image)
+    low = downscale(image, cfg.downscale)
+    k1, k2 = jax.random.fold_in(key, LEVEL_KEY), jax.random.fold_in(key, LEVEL2_KEY)
+    h1 = rollout_history(params["level1"], seed_state(low, cfg.channels), low, cfg=cfg, key=k1)
+    up = upscale(h1[-1], cfg.downscale)
+    state = jnp.concatenate([image, up[..., 1:]], axis=-1)
+    h2 = rollout_history(params["level2"], state, image, cfg=cfg, key=k2)
+    f = cfg.downscale
+    lung1 = jnp.repeat(jnp.repeat(h1[..., 1], f, axis=2), f, axis=3)
+    return lung1, h2[..., 1]
 
 
 def predict_logits(params: Params, image: jax.Array, **kw: Any) -> jax.Array:

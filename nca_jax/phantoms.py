@@ -17,7 +17,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from nca_jax.cli import run_cli
 from nca_jax.data import Dataset
+
+# The seeds of the built-in phantom sets, so that train, validation and test never overlap.
+PHANTOM_TRAIN_SEED, PHANTOM_VAL_SEED, PHANTOM_TEST_SEED = 1000, 2000, 3000
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -240,5 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli()

@@ -12,9 +12,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from nca_jax.config import ModelConfig
-from nca_jax.model import Params, predict_logits, sample_keys
+from nca_jax.model import Params, predict_history, predict_logits, sample_keys
 
 ALL = 1 << 30  # "as many as there are": every prediction side by side
 
@@ -59,11 +60,25 @@ def make_predict(
     return jax.jit(f)
 
 
+def bar_off(progress: bool | None) -> bool | None:
+    """tqdm's `disable` for a progress flag: True shows, False hides, None shows it only when
+    stderr is a terminal (tqdm's own rule)."""
+    return None if progress is None else not progress
+
+
 def predict_dataset(
-    predict: Callable, params: Params, images: np.ndarray, key: jax.Array, chunk: int = 4
+    predict: Callable,
+    params: Params,
+    images: np.ndarray,
+    key: jax.Array,
+    chunk: int = 4,
+    progress: bool | None = False,
+    desc: str = "predicting",
 ) -> np.ndarray:
-    """Runs `predict` (from make_predict) over images (N,H,W) in chunks -> (samples, N, H, W)."""
+    """Runs `predict` (from make_predict) over images (N,H,W) in chunks -> (samples, N, H, W).
+    progress: a progress bar (tqdm, stderr) counting images; None = only on a terminal."""
     out = []
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=bar_off(progress))
     for i in range(0, len(images), chunk):
         part = images[i : i + chunk]
         idx = np.arange(i, i + len(part), dtype=np.int32)
@@ -72,11 +87,37 @@ def predict_dataset(
             part = np.concatenate([part, np.repeat(part[-1:], pad, 0)])
             idx = np.concatenate([idx, np.repeat(idx[-1:], pad)])
         out.append(np.asarray(predict(params, jnp.asarray(part), key, jnp.asarray(idx))))
+        bar.update(min(chunk, len(images) - i))
+    bar.close()
     return np.concatenate(out, axis=1)[:, : len(images)]
 
 
 def sample(
-    params: Params, mc: ModelConfig, images: np.ndarray, key: jax.Array, n: int, chunk: int = 4
+    params: Params,
+    mc: ModelConfig,
+    images: np.ndarray,
+    key: jax.Array,
+    n: int,
+    chunk: int = 4,
+    progress: bool | None = False,
+    desc: str = "sampling",
 ) -> np.ndarray:
     """n stochastic predictions of every image (N, H, W) -> probabilities (n, N, H, W)."""
-    return predict_dataset(make_predict(mc, n), params, images, key, chunk=chunk)
+    return predict_dataset(
+        make_predict(mc, n), params, images, key, chunk=chunk, progress=progress, desc=desc
+    )
+
+
+def make_history(
+    mc: ModelConfig,
+) -> Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """Returns jit(f)(params, image (H, W), key, index ()) -> lung probabilities after every
+    step (level 1 (steps, H, W) upsampled, level 2 (steps, H, W)) of the image's first sample:
+    the same keys as sample 0 of make_predict, so level2[-1] equals that prediction."""
+
+    def f(params: Params, image: jax.Array, key: jax.Array, index: jax.Array):
+        k = sample_keys(jax.random.fold_in(key, index), 1)[0]
+        l1, l2 = predict_history(params, image[None], cfg=mc, key=k)
+        return jax.nn.sigmoid(l1[:, 0]), jax.nn.sigmoid(l2[:, 0])
+
+    return jax.jit(f)

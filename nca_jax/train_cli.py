@@ -10,10 +10,8 @@ from nca_jax.cli import run_cli
 from nca_jax.config import RunConfig, load_config, with_overrides
 from nca_jax.data import Dataset, load_folder, load_split
 from nca_jax.paths import check_output_folder
-from nca_jax.phantoms import make_phantom_dataset
-from nca_jax.training import TrainingError, train_and_evaluate
-
-PHANTOM_TRAIN_SEED, PHANTOM_VAL_SEED, PHANTOM_TEST_SEED = 1000, 2000, 3000
+from nca_jax.phantoms import PHANTOM_TRAIN_SEED, PHANTOM_VAL_SEED, make_phantom_dataset
+from nca_jax.training import train_and_evaluate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,4 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    run_cli(main, extra=(TrainingError,))
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from nca_jax.config import (
     to_json,
 )
 from nca_jax.data import Dataset
+from nca_jax.errors import TrainingError  # noqa: F401 (re-exported)
 from nca_jax.losses import segmentation_loss
 from nca_jax.model import (
     Params,
@@ -40,12 +41,9 @@ from nca_jax.model import (
 )
 from nca_jax.parallel import data_mesh, replicate, shard_batch
 from nca_jax.predict import make_predict, predict_dataset
+from nca_jax.render import save_figure
 
 DATA_KEY, STEP_KEY, INIT_KEY, EVAL_KEY = 0, 1, 2, 3
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); str(e) says where and what was kept."""
 
 
 class TrainState(NamedTuple):
@@ -243,49 +241,201 @@ def train_and_evaluate(
         val=val,
         resume=resume,
         progress=progress,
-        stop_after_epochs=stop_after_epochs,
-        stop_at_val_dice=stop_at_val_dice,
-        step_fn_at=step_at,
-        schedule=make_optimizer_schedule(cfg.train),
+        stop=Stop(stop_after_epochs, stop_at_val_dice),
+        hooks=Hooks(step_fn_at=step_at, schedule=make_optimizer_schedule(cfg.train)),
         log=log,
         summary_extra={"train_source": train.source},
     )
 
 
+class LoopSettings(Protocol):
+    """The fields of a config section that drive the epoch loop (TrainConfig, FinetuneConfig)."""
+
+    epochs: int
+    batch_size: int
+    seed: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    eval_every: int
+    eval_samples: int
+
+
+StepFn = Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """What training and fine-tuning plug into the shared loop (all optional).
+
+    step_fn_at(epoch): the step function of each epoch (a curriculum);
+    refresh(epoch, params): new `carried` arrays at the start of an epoch (None = keep);
+    on_epoch_end(epoch, params): extra fields for that epoch's metrics row;
+    schedule: the learning rate per step, logged per epoch."""
+
+    step_fn_at: Callable[[int], StepFn] | None = None
+    refresh: Callable[[int, Params], dict[str, np.ndarray] | None] | None = None
+    on_epoch_end: Callable[[int, Params], dict[str, Any] | None] | None = None
+    schedule: optax.Schedule | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """When a call ends before loop.epochs: after_epochs (as an interruption would; tests),
+    at_val_dice (once validation Dice reaches it). Either way the run stays resumable."""
+
+    after_epochs: int | None = None
+    at_val_dice: float | None = None
+
+
+@dataclasses.dataclass
+class _Progress:
+    """The loop's state besides the TrainState: where it starts, what is carried, the best."""
+
+    start_epoch: int
+    carried: dict[str, np.ndarray]
+    best: dict[str, Any]
+
+
+def _open_run(
+    cfg: RunConfig,
+    loop: LoopSettings,
+    state: TrainState,
+    carried: dict[str, np.ndarray],
+    out: Path,
+    per_epoch: int,
+    resume: bool,
+    log: Callable[[str], None],
+) -> tuple[Any, TrainState, _Progress]:
+    """Restore: checks the folder, opens its checkpoint manager, restores the latest checkpoint
+    when resuming (a run killed before its first checkpoint starts over), writes config.json.
+    -> (checkpoint manager, state, progress)."""
+    if resume and not (out / "config.json").is_file():
+        raise ckpt.RunError(f"{out}: nothing to resume (not a run folder)")
+    if resume and load_config(out / "config.json") != cfg:
+        raise ckpt.RunError(f"{out}: --resume with a config that differs from config.json")
+    out.mkdir(parents=True, exist_ok=True)
+    mngr = ckpt.checkpoint_manager(out / "checkpoints", loop.keep_checkpoints)
+    metrics_path = out / "metrics.jsonl"
+    prog = _Progress(0, carried, {"val_dice": -1.0, "epoch": None})
+    if resume and mngr.latest_step() is None:  # killed before its first checkpoint: start over
+        log(f"{out}: no checkpoint yet, starting the run from the beginning")
+        resume = False
+        metrics_path.unlink(missing_ok=True)
+        (out / "weights_best.npz").unlink(missing_ok=True)
+    elif resume:
+        like = {"state": state, "best": _best_like(), "carried": carried}
+        restored = ckpt.restore_checkpoint(mngr, like)
+        state = TrainState(*restored["state"])
+        prog.carried = {k: np.asarray(v) for k, v in restored["carried"].items()}
+        best = {k: v.item() for k, v in restored["best"].items()}
+        best["epoch"] = None if best["epoch"] < 0 else int(best["epoch"])
+        prog.best = best
+        prog.start_epoch = int(state.step) // per_epoch
+        _truncate_metrics(metrics_path, prog.start_epoch - 1)
+        log(f"resuming {out} at epoch {prog.start_epoch} (step {int(state.step)})")
+    elif (out / "config.json").exists() or mngr.latest_step() is not None:
+        raise ckpt.RunError(f"{out}: already holds a run (use --resume or another --out)")
+    else:
+        metrics_path.unlink(missing_ok=True)
+    save_config(cfg, out / "config.json")
+    return mngr, state, prog
+
+
+def _run_epoch(
+    state: TrainState,
+    step_fn: StepFn,
+    arrays: dict[str, np.ndarray],
+    order: np.ndarray,
+    batch: int,
+    step_key: jax.Array,
+    mesh: Any,
+    bar: Any,
+    epoch: int,
+    fail: Callable[[TrainState], TrainingError],
+) -> tuple[TrainState, dict[str, Any]]:
+    """Epoch: one pass over `order` in batches -> (state, metrics row without validation).
+    A non-finite step raises fail(state)."""
+    per_epoch = len(order) // batch
+    losses, skipped, t0 = [], 0, time.perf_counter()
+    term_sums: dict[str, float] = {}
+    for b in range(per_epoch):
+        idx = order[b * batch : (b + 1) * batch]
+        sharded = shard_batch({k: v[idx] for k, v in arrays.items()}, mesh)
+        state, info = step_fn(state, sharded, step_key)
+        loss = float(info["loss"])
+        if not bool(info["finite"]):
+            raise fail(state)
+        skipped += int(info["skipped"])
+        losses.append(loss)
+        for k, v in info.get("terms", {}).items():
+            term_sums[k] = term_sums.get(k, 0.0) + float(v)
+        bar.update(1)
+        rate = batch * (b + 1) / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{rate:.2f}")
+    dt = time.perf_counter() - t0
+    row: dict[str, Any] = {
+        "epoch": epoch,
+        "step": int(state.step),
+        "loss": float(np.mean(losses)),
+        "skipped_steps": skipped,
+        "epoch_s": dt,
+        "images_per_s": per_epoch * batch / dt,
+    }
+    row.update({f"term_{k}": v / per_epoch for k, v in term_sums.items()})
+    return state, row
+
+
+def _evaluate(
+    predict: Callable, params: Params, val: Dataset, eval_key: jax.Array
+) -> dict[str, float]:
+    """Evaluate: validation Dice of params (the row fields val_dice and eval_s)."""
+    t = time.perf_counter()
+    probs = predict_dataset(predict, params, val.images, eval_key)
+    return {"val_dice": validation_dice(probs, val.masks), "eval_s": time.perf_counter() - t}
+
+
+def _finalise(
+    out: Path, state: TrainState, summary: dict[str, Any], best_epoch: int | None, has_val: bool
+) -> None:
+    """Finalise a finished run: weights.npz (the best validation weights, copied so that a
+    resume finds them again, or the last), weights_last.npz, run.json, training_curve.png."""
+    if has_val and (out / "weights_best.npz").exists():
+        ckpt.atomic_copy(out / "weights_best.npz", out / "weights.npz")
+        summary["weights"] = f"best validation Dice (epoch {best_epoch})"
+    else:
+        ckpt.save_weights(state.params, out / "weights.npz")
+        summary["weights"] = "last epoch"
+    ckpt.save_weights(state.params, out / "weights_last.npz")
+    ckpt.write_json(out / "run.json", summary)
+    plot_curves(out / "metrics.jsonl", out / "training_curve.png")
+
+
 def fit(
     cfg: RunConfig,
-    loop: Any,
+    loop: LoopSettings,
     state: TrainState,
-    step_fn: Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]],
+    step_fn: StepFn,
     fixed: dict[str, np.ndarray],
     out: str | Path,
     *,
     carried: dict[str, np.ndarray] | None = None,
-    refresh: Callable[[int, Params], dict[str, np.ndarray]] | None = None,
     val: Dataset | None = None,
     resume: bool = False,
     progress: bool = True,
-    stop_after_epochs: int | None = None,
-    stop_at_val_dice: float | None = None,
-    step_fn_at: Callable[[int], Callable] | None = None,
-    schedule: optax.Schedule | None = None,
+    stop: Stop = Stop(),
+    hooks: Hooks = Hooks(),
     log: Callable[[str], None] = print,
     summary_extra: dict[str, Any] | None = None,
-    on_epoch_end: Callable[[int, Params], dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     """The epoch loop shared by training and fine-tuning; writes the run folder `out`.
 
-    loop: the config section with epochs, batch_size, seed, checkpoint_every, eval_every,
-    eval_samples, keep_checkpoints. fixed / carried: per-example arrays (N, ...) that are
-    batched together; `carried` ones (e.g. VWSL targets) are checkpointed with the state and
-    may be replaced by `refresh(epoch, params)` at the start of an epoch (None = keep).
-    step_fn(state, batch dict, step_key) -> (state, info with loss, finite, skipped);
-    step_fn_at(epoch), when given, picks the step function of each epoch (a curriculum).
-    Loss terms in info['terms'] are averaged per epoch into the metrics row as term_NAME;
-    on_epoch_end(epoch, params), when given, runs after each epoch and its dict (if any) is
-    added to that epoch's metrics row."""
+    fixed / carried: per-example arrays (N, ...) batched together; `carried` ones (e.g.
+    refreshed VWSL targets) are checkpointed with the state and may be replaced by
+    hooks.refresh. step_fn(state, batch dict, step_key) -> (state, info with loss, finite,
+    skipped, optional terms averaged per epoch into the row as term_NAME). Saves a checkpoint
+    every loop.checkpoint_every epochs and at the end; returns the summary (run.json when
+    finished)."""
     out = Path(out)
-    carried = dict(carried or {})
     n = len(next(iter(fixed.values())))
     batch = min(loop.batch_size, n)
     if batch < loop.batch_size:
@@ -300,112 +450,70 @@ def fit(
         raise TrainingError(
             f"{out}: batch size {batch} is not divisible by the {mesh.devices.size} devices"
         )
-    if resume and not (out / "config.json").is_file():
-        raise ckpt.RunError(f"{out}: nothing to resume (not a run folder)")
-    if resume and load_config(out / "config.json") != cfg:
-        raise ckpt.RunError(f"{out}: --resume with a config that differs from config.json")
-    out.mkdir(parents=True, exist_ok=True)
-    mngr = ckpt.checkpoint_manager(out / "checkpoints", loop.keep_checkpoints)
-    metrics_path = out / "metrics.jsonl"
-    start_epoch, best = 0, {"val_dice": -1.0, "epoch": None}
-    if resume and mngr.latest_step() is None:  # killed before its first checkpoint: start over
-        log(f"{out}: no checkpoint yet, starting the run from the beginning")
-        resume = False
-        metrics_path.unlink(missing_ok=True)
-        (out / "weights_best.npz").unlink(missing_ok=True)
-    elif resume:
-        like = {"state": state, "best": _best_like(), "carried": carried}
-        restored = ckpt.restore_checkpoint(mngr, like)
-        state = TrainState(*restored["state"])
-        carried = {k: np.asarray(v) for k, v in restored["carried"].items()}
-        best = {k: v.item() for k, v in restored["best"].items()}
-        best["epoch"] = None if best["epoch"] < 0 else int(best["epoch"])
-        start_epoch = int(state.step) // per_epoch
-        _truncate_metrics(metrics_path, start_epoch - 1)
-        log(f"resuming {out} at epoch {start_epoch} (step {int(state.step)})")
-    elif (out / "config.json").exists() or mngr.latest_step() is not None:
-        raise ckpt.RunError(f"{out}: already holds a run (use --resume or another --out)")
-    else:
-        metrics_path.unlink(missing_ok=True)
-    save_config(cfg, out / "config.json")
+    mngr, state, prog = _open_run(
+        cfg, loop, state, dict(carried or {}), out, per_epoch, resume, log
+    )
 
     predict = make_predict(cfg.model, loop.eval_samples) if val is not None else None
     state = replicate(state, mesh)
-    end_epoch = loop.epochs if stop_after_epochs is None else min(loop.epochs, stop_after_epochs)
-    bar = tqdm(total=(end_epoch - start_epoch) * per_epoch, disable=not progress, unit="step")
+    end_epoch = loop.epochs if stop.after_epochs is None else min(loop.epochs, stop.after_epochs)
+    bar = tqdm(total=(end_epoch - prog.start_epoch) * per_epoch, disable=not progress, unit="step")
     t_start = time.perf_counter()
     last_good = mngr.latest_step()
-    for epoch in range(start_epoch, end_epoch):
-        if refresh is not None:
-            new = refresh(epoch, state.params)
-            carried = carried if new is None else new
-        arrays = {**fixed, **carried}
-        order = epoch_order(data_key, epoch, n)
-        losses, skipped, t0 = [], 0, time.perf_counter()
-        term_sums: dict[str, float] = {}
-        epoch_step = step_fn if step_fn_at is None else step_fn_at(epoch)
-        for b in range(per_epoch):
-            idx = order[b * batch : (b + 1) * batch]
-            sharded = shard_batch({k: v[idx] for k, v in arrays.items()}, mesh)
-            state, info = epoch_step(state, sharded, step_key)
-            loss = float(info["loss"])
-            if not bool(info["finite"]):
-                bar.close()
-                raise TrainingError(
-                    f"{out}: non-finite loss, gradient or weights at step "
-                    f"{int(state.step) - 1} (epoch {epoch}); "
-                    f"stopped, last good checkpoint: step {last_good}"
-                )
-            skipped += int(info["skipped"])
-            losses.append(loss)
-            for k, v in info.get("terms", {}).items():
-                term_sums[k] = term_sums.get(k, 0.0) + float(v)
-            bar.update(1)
-            rate = batch * (b + 1) / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{rate:.2f}")
-        dt = time.perf_counter() - t0
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": int(state.step),
-            "loss": float(np.mean(losses)),
-            "skipped_steps": skipped,
-            "epoch_s": dt,
-            "images_per_s": per_epoch * batch / dt,
-        }
-        row.update({f"term_{k}": v / per_epoch for k, v in term_sums.items()})
-        if schedule is not None:
-            row["lr"] = float(schedule(int(state.step)))
-        if on_epoch_end is not None:
-            row.update(on_epoch_end(epoch, state.params) or {})
+    for epoch in range(prog.start_epoch, end_epoch):
+        if hooks.refresh is not None:
+            new = hooks.refresh(epoch, state.params)
+            prog.carried = prog.carried if new is None else new
+
+        def fail(st: TrainState, epoch: int = epoch, good: int | None = last_good) -> TrainingError:
+            bar.close()
+            return TrainingError(
+                f"{out}: non-finite loss, gradient or weights at step {int(st.step) - 1} "
+                f"(epoch {epoch}); stopped, last good checkpoint: step {good}"
+            )
+
+        state, row = _run_epoch(
+            state,
+            step_fn if hooks.step_fn_at is None else hooks.step_fn_at(epoch),
+            {**fixed, **prog.carried},
+            epoch_order(data_key, epoch, n),
+            batch,
+            step_key,
+            mesh,
+            bar,
+            epoch,
+            fail,
+        )
+        if hooks.schedule is not None:
+            row["lr"] = float(hooks.schedule(int(state.step)))
+        if hooks.on_epoch_end is not None:
+            row.update(hooks.on_epoch_end(epoch, state.params) or {})
         last = epoch + 1 == end_epoch
         if val is not None and ((epoch + 1) % loop.eval_every == 0 or epoch + 1 == loop.epochs):
-            t_eval = time.perf_counter()
-            probs = predict_dataset(predict, state.params, val.images, eval_key)
-            row["val_dice"] = validation_dice(probs, val.masks)
-            row["eval_s"] = time.perf_counter() - t_eval
-            if row["val_dice"] > best["val_dice"]:
-                best = {"val_dice": row["val_dice"], "epoch": epoch}
+            row.update(_evaluate(predict, state.params, val, eval_key))
+            if row["val_dice"] > prog.best["val_dice"]:
+                prog.best = {"val_dice": row["val_dice"], "epoch": epoch}
                 ckpt.save_weights(state.params, out / "weights_best.npz")
-            if stop_at_val_dice is not None and row["val_dice"] >= stop_at_val_dice:
+            if stop.at_val_dice is not None and row["val_dice"] >= stop.at_val_dice:
                 end_epoch, last = epoch + 1, True  # reached: stop here, resumable
-        with metrics_path.open("a") as f:
+        with (out / "metrics.jsonl").open("a") as f:
             f.write(to_json(row) + "\n")
         if (epoch + 1) % loop.checkpoint_every == 0 or last:
-            tree = {"state": state, "best": _best_arrays(best), "carried": carried}
+            tree = {"state": state, "best": _best_arrays(prog.best), "carried": prog.carried}
             ckpt.save_checkpoint(mngr, int(state.step), tree)
             last_good = int(state.step)
         if last:
             break
     bar.close()
-    wall = time.perf_counter() - t_start
     finished = end_epoch == loop.epochs
+    best = prog.best
     summary = {
         "finished": finished,
         "epochs_done": end_epoch,
         "steps": int(state.step),
         "batch_size": batch,
         "steps_per_epoch": per_epoch,
-        "wall_s_this_call": wall,
+        "wall_s_this_call": time.perf_counter() - t_start,
         **(summary_extra or {}),
         "n_train": n,
         "val_source": None if val is None else val.source,
@@ -413,16 +521,7 @@ def fit(
         "best_epoch": best["epoch"],
     }
     if finished:
-        if val is not None and (out / "weights_best.npz").exists():
-            # copied, not moved: resuming a finished run must find the best weights again
-            ckpt.atomic_copy(out / "weights_best.npz", out / "weights.npz")
-            summary["weights"] = f"best validation Dice (epoch {best['epoch']})"
-        else:
-            ckpt.save_weights(state.params, out / "weights.npz")
-            summary["weights"] = "last epoch"
-        ckpt.save_weights(state.params, out / "weights_last.npz")
-        ckpt.write_json(out / "run.json", summary)
-        plot_curves(metrics_path, out / "training_curve.png")
+        _finalise(out, state, summary, best["epoch"], val is not None)
     mngr.close()
     return summary
 
@@ -453,27 +552,31 @@ def _best_arrays(best: dict[str, Any]) -> dict[str, jax.Array]:
     }
 
 
-def plot_curves(metrics_path: Path, png: Path) -> None:
-    """Training loss (and validation Dice when present) per epoch -> PNG (written atomically)."""
+def curve_figure(rows: list[dict[str, Any]]) -> Any:
+    """metrics.jsonl rows -> a matplotlib figure: training loss per epoch and, when present,
+    validation Dice on a second axis. The legend sits above the axes, never over the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], label="train loss (Dice+BCE)")
+    fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
+    (line,) = ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    handles = [line]
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     vals = [(r["epoch"], r["val_dice"]) for r in rows if "val_dice" in r]
     if vals:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*vals, strict=True), "o-", color="tab:orange", label="validation Dice")
+        (v,) = ax2.plot(*zip(*vals, strict=True), "o-", color="tab:orange", label="validation Dice")
+        handles.append(v)
         ax2.set_ylabel("validation Dice")
         ax2.set_ylim(0, 1)
-        fig.legend(loc="upper right")
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png)
+    fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), frameon=False)
+    return fig
+
+
+def plot_curves(metrics_path: Path, png: Path) -> None:
+    """Training loss (and validation Dice when present) per epoch -> PNG (written atomically)."""
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
+    save_figure(curve_figure(rows), png, dpi=100)

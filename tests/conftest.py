@@ -3,10 +3,14 @@ import tempfile
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
+from nca_jax import export as ex
 from nca_jax.config import ModelConfig, RunConfig, TrainConfig
 from nca_jax.model import init_params
+from nca_jax.phantoms import make_phantom_dataset
+from nca_jax.training import init_state, make_train_step
 
 # Many tests compile the same tiny train / fine-tune / predict programs again (each run builds
 # new jitted closures). JAX's persistent cache keys compiled programs by their HLO, so a
@@ -37,3 +41,43 @@ def randomised_params(cfg: ModelConfig, seed: int = 0):
         shape = params[lvl]["dense_out"]["kernel"].shape
         params[lvl]["dense_out"]["kernel"] = 0.1 * jax.random.normal(k, shape)
     return params
+
+
+EXPORT_SPEC = ex.ExportSpec(batch=2, size=32, train_lr=5e-3, fixed_randomness=True)
+
+
+def export_cfg() -> RunConfig:
+    """The tiny model of the exported test file."""
+    return RunConfig(
+        model=ModelConfig(channels=8, hidden=16, steps=3, patch=8, downscale=4),
+        train=TrainConfig(batch_size=4, image_size=32, lr=5e-3),
+    ).validate()
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """(cfg, params, Functions, path, sidecar info, phantom data) of a briefly trained model,
+    exported once per test session (test_export and test_device_train share it)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    cfg = export_cfg()
+    data = make_phantom_dataset(16, seed=0, size=32)
+    state, step = init_state(cfg), make_train_step(cfg)
+    for i in range(150):
+        idx = np.arange(4 * i, 4 * i + 4) % len(data)
+        state, _ = step(
+            state, {"images": data.images[idx], "masks": data.masks[idx]}, jax.random.key(0)
+        )
+    params = jax.device_get(state.params)
+    out = tmp_path_factory.mktemp("export") / "tiny.tflite"
+    info = ex.export(cfg, params, EXPORT_SPEC, out)
+    fns = ex.Functions(cfg, EXPORT_SPEC, params)
+    return {
+        "cfg": cfg,
+        "params": params,
+        "fns": fns,
+        "path": out,
+        "info": info,
+        "data": data,
+        "new": lambda: Interpreter(model_path=str(out)),
+    }

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from nca_jax import capture as cap
+from nca_jax.cli import call_main
 from nca_jax.data import load_folder
 from nca_jax.phantoms import write_phantom_folder
 
@@ -134,8 +135,8 @@ def test_cli_writes_a_reproducible_folder_with_warped_masks(tmp_path: Path):
     src = write_phantom_folder(tmp_path / "src", 3, seed=1, size=48)
     fig = tmp_path / "fig.png"
     args = ["--data", str(src), "--preset", "severe", "--seed", "7"]
-    assert cap.main([*args, "--out", str(tmp_path / "a"), "--figure", str(fig)]) == 0
-    assert cap.main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert call_main(cap.main, [*args, "--out", str(tmp_path / "a"), "--figure", str(fig)]) == 0
+    assert call_main(cap.main, [*args, "--out", str(tmp_path / "b")]) == 0
     for sub in ("images", "masks"):
         for f in sorted((tmp_path / "a" / sub).iterdir()):
             assert f.read_bytes() == (tmp_path / "b" / sub / f.name).read_bytes()
@@ -149,7 +150,7 @@ def test_cli_writes_a_reproducible_folder_with_warped_masks(tmp_path: Path):
     (one / "images").mkdir(parents=True)
     name = sorted((src / "images").iterdir())[1].name
     (one / "images" / name).write_bytes((src / "images" / name).read_bytes())
-    assert cap.main(["--data", str(one), "--out", str(tmp_path / "c"), *args[2:]]) == 0
+    assert call_main(cap.main, ["--data", str(one), "--out", str(tmp_path / "c"), *args[2:]]) == 0
     assert (tmp_path / "c" / "images" / name).read_bytes() == (
         tmp_path / "a" / "images" / name
     ).read_bytes()
@@ -159,18 +160,18 @@ def test_cli_writes_a_reproducible_folder_with_warped_masks(tmp_path: Path):
 def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path: Path, capsys):
     src = write_phantom_folder(tmp_path / "src", 3, seed=1, size=32)
     out = tmp_path / "out"
-    assert cap.main(["--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert call_main(cap.main, ["--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
     bad = sorted((src / "images").iterdir())[0]
     bad.write_bytes(b"not a png")
-    assert cap.main(["--data", str(src), "--out", str(out)]) == 2
+    assert call_main(cap.main, ["--data", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial folder left
-    assert cap.main(["--data", str(src), "--out", str(out), "--skip-bad"]) == 0
+    assert call_main(cap.main, ["--data", str(src), "--out", str(out), "--skip-bad"]) == 0
     assert "skipped" in capsys.readouterr().err
     assert len(list((out / "images").iterdir())) == 2
-    assert cap.main(["--data", str(src), "--out", str(out), "--skip-bad"]) == 2
+    assert call_main(cap.main, ["--data", str(src), "--out", str(out), "--skip-bad"]) == 2
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cap.main(["--data", str(src), "--out", str(out), "--preset", "extreme"])
+        call_main(cap.main, ["--data", str(src), "--out", str(out), "--preset", "extreme"])

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _exit(main, argv, capsys):
     with pytest.raises(SystemExit) as e:
-        run_cli(lambda: main(argv), extra=(train_cli.TrainingError,))
+        run_cli(lambda: main(argv))
     err = capsys.readouterr().err.strip()
     return e.value.code, err
 

@@ -57,11 +57,17 @@ def test_a_wrong_typed_value_names_the_field(cls, field, value):
 def test_config_file_with_nan_decay_names_file_and_field(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"train": {"lr_decay": NaN}}')  # Python's json reads NaN
-    with pytest.raises(ConfigError, match=r"train\.lr_decay must be finite"):
+    with pytest.raises(ConfigError, match=r"train\.lr_decay must be finite") as e:
         load_config(path)
+    assert str(e.value).startswith(f"{path}:")
     path.write_text(json.dumps({"train": {"beta2": 1.0}}))
-    with pytest.raises(ConfigError, match="beta1 and beta2"):
+    with pytest.raises(ConfigError, match="beta1 and beta2") as e:
         load_config(path)
+    assert str(e.value).startswith(f"{path}:")
+    path.write_text(json.dumps({"model": {"channels": "six"}}))  # wrong type: file and field
+    with pytest.raises(ConfigError, match=r"model\.channels must be of type int") as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}:")
 
 
 def test_an_update_that_makes_the_weights_non_finite_is_not_kept():
