@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import shutil
 import sys
@@ -27,24 +26,58 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cross_site import (  # noqa: E402
+from experiments.common import (
     FINETUNE_SPLIT,
+    SITES,
+    build,
+    finetune_from_dict,
     head,
-    load,
+    load_json_protocol,
+    load_site,
     sum_unit_times,
     unit,
     write_figure,
 )
-
-from nca_jax import checkpoint as ckpt  # noqa: E402
-from nca_jax.capture import capture_folder  # noqa: E402
-from nca_jax.config import FinetuneConfig, atomic_write_text  # noqa: E402
-from nca_jax.evaluate import evaluate  # noqa: E402
-from nca_jax.finetuning import finetune  # noqa: E402
+from nca_jax import checkpoint as ckpt
+from nca_jax.capture import PRESETS, capture_folder
+from nca_jax.config import FinetuneConfig, atomic_write_text
+from nca_jax.errors import ConfigError
+from nca_jax.evaluate import evaluate
+from nca_jax.finetuning import finetune
 
 PAPER_CAPTURE_GAIN = "+5 to +20 Dice points (5 phone photos)"
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureProtocol:
+    """A phone-capture protocol (configs/capture_*.json); keys starting with "_" are comments."""
+
+    source_run: str  # the run trained on train_site's clean images
+    train_site: str
+    test_site: str  # its test images are captured, its fine-tuning split too (unlabelled)
+    presets: tuple[str, ...]  # capture presets (nca_jax.capture.PRESETS); "none" is added
+    n_finetune: tuple[int, ...]  # numbers of captured unlabelled images fine-tuned on
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)  # VWSL base
+    eval_samples: int = 1  # predictions per test image for every reported Dice
+    uncertainty_images: int = 8  # quality score on the first N captured test images
+    uncertainty_samples: int = 10  # predictions per image for the quality score
+    capture_seed: int = 0  # seed of the simulated captures
+    seeds: tuple[int, ...] = (0,)  # VWSL seeds (--seeds overrides)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CaptureProtocol:
+        where = str(path)
+        proto = build(
+            cls, load_json_protocol(path), where, parsers={"finetune": finetune_from_dict}
+        )
+        if proto.train_site not in SITES or proto.test_site not in SITES:
+            raise ConfigError(f"{where}: train_site and test_site must be among {SITES}")
+        unknown = sorted(set(proto.presets) - set(PRESETS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown preset(s) {unknown}; one of {sorted(PRESETS)}")
+        if not proto.n_finetune or not proto.seeds:
+            raise ConfigError(f"{where}: n_finetune and seeds must not be empty")
+        return proto
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,20 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         "preset (under the work folder: they show real X-rays)",
     )
     a = p.parse_args(argv)
-    proto = {
-        k: v for k, v in json.loads(Path(a.protocol).read_text()).items() if not k.startswith("_")
-    }
-    src, tgt = proto["train_site"], proto["test_site"]
-    source_run = Path(proto["source_run"])
-    fbase = FinetuneConfig(**proto.get("finetune", {}))
+    try:
+        proto = CaptureProtocol.load(a.protocol)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    src, tgt = proto.train_site, proto.test_site
+    source_run = Path(proto.source_run)
+    fbase: FinetuneConfig = proto.finetune
     cfg, params = ckpt.load_run(source_run)
     size = cfg.train.image_size
     work, res_dir = Path(a.work), Path(a.results)
-    samples = proto.get("eval_samples", 1)
-    unc_n, unc_samples = proto.get("uncertainty_images", 8), proto.get("uncertainty_samples", 10)
-    cap_seed = proto.get("capture_seed", 0)
-    seeds = a.seeds if a.seeds is not None else proto.get("seeds", [0])
-    proto["seeds"] = seeds
+    samples = proto.eval_samples
+    unc_n, unc_samples = proto.uncertainty_images, proto.uncertainty_samples
+    cap_seed = proto.capture_seed
+    seeds = list(a.seeds) if a.seeds is not None else list(proto.seeds)
+    proto = dataclasses.replace(proto, seeds=tuple(seeds))  # the tables name the seeds run
     t_all = time.perf_counter()
     rows: list[dict[str, Any]] = []
     unc: list[dict[str, Any]] = []
@@ -106,17 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(res_dir / "capture.md", md)
 
     data_root = Path(a.data)
-    for preset in ["none", *proto["presets"]]:
+    for preset in ["none", *proto.presets]:
         if preset == "none":
             folder = data_root / tgt
         else:
             folder = work / f"captured-{tgt}-{preset}-s{cap_seed}"
             if not (folder / "capture.json").exists():
                 capture_folder(data_root / tgt, folder, preset, cap_seed, overwrite=True)
-        b = argparse.Namespace(data=str(folder.parent), splits=a.splits)
 
-        def ld(split: str, masks: bool = True, limit: int | None = None, b=b, folder=folder):
-            return load(b, folder.name, split, size, masks=masks, limit=limit)
+        def ld(split: str, masks: bool = True, limit: int | None = None, folder=folder):
+            return load_site(
+                folder.parent, a.splits, folder.name, split, size, masks=masks, limit=limit
+            )
 
         test = ld(f"{tgt}_test")
         # the source model does not depend on the VWSL seed: scored once, under the first seed
@@ -133,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             if preset == "none" or (a.only_seeds and seed not in a.only_seeds):
                 continue
-            for n_ft in proto["n_finetune"]:
+            for n_ft in proto.n_finetune:
                 ft = work / f"vwsl-{preset}-n{n_ft}-s{seed}"
                 if (
                     a.publish_only
@@ -174,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(_row(proto, preset, "vwsl", n_ft, seed, ev))
                 unc_path = work / f"unc-{preset}-vwsl-n{n_ft}-s{seed}.json"
                 if (
-                    n_ft == max(proto["n_finetune"])
+                    n_ft == max(proto.n_finetune)
                     and seed == seeds[0]
                     and not (a.publish_only and not unc_path.exists())
                 ):
@@ -183,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                         lambda test=test, after=after: after(unc_samples, head(test, unc_n)),
                     )
                     unc.append(_unc_row(preset, "vwsl", n_ft, seed, u))
-                if seed == seeds[0] and n_ft == max(proto["n_finetune"]):
+                if seed == seeds[0] and n_ft == max(proto.n_finetune):
                     dst = res_dir / "runs" / f"capture-vwsl-{src}-to-{tgt}-{preset}-n{n_ft}"
                     dst.mkdir(parents=True, exist_ok=True)
                     for f in ("config.json", "weights.npz", "run.json", "metrics.jsonl"):
@@ -192,14 +228,13 @@ def main(argv: list[str] | None = None) -> int:
             publish()
     publish()
     if a.figures:
-        n_max = max(proto["n_finetune"])
-        for preset in proto["presets"]:
+        n_max = max(proto.n_finetune)
+        for preset in proto.presets:
             png = work / "figures" / f"capture_{preset}_{src}_to_{tgt}.png"
             if png.exists():
                 continue
             folder = work / f"captured-{tgt}-{preset}-s{cap_seed}"
-            b = argparse.Namespace(data=str(folder.parent), splits=a.splits)
-            test = load(b, folder.name, f"{tgt}_test", size)
+            test = load_site(folder.parent, a.splits, folder.name, f"{tgt}_test", size)
             after_run = work / f"vwsl-{preset}-n{n_max}-s{seeds[0]}"
             write_figure(source_run, after_run, test, png)
     print((res_dir / "capture.md").read_text())
@@ -219,16 +254,16 @@ def unit_times(work: Path) -> str:
 
 
 def _row(
-    proto: dict[str, Any], preset: str, method: str, n_ft: int, seed: int, ev: dict[str, Any]
+    proto: CaptureProtocol, preset: str, method: str, n_ft: int, seed: int, ev: dict[str, Any]
 ) -> dict[str, Any]:
     return {
-        "train_site": proto["train_site"],
-        "test_site": proto["test_site"],
+        "train_site": proto.train_site,
+        "test_site": proto.test_site,
         "preset": preset,
         "method": method,
         "n_finetune_images": n_ft,
         "seed": seed,
-        "capture_seed": proto.get("capture_seed", 0),
+        "capture_seed": proto.capture_seed,
         "dice_mean": ev["dice_mean"],
         "dice_std": ev["dice_std"],
         "hd95_mean": ev["hd95_mean"],
@@ -253,7 +288,7 @@ def _unc_row(preset: str, method: str, n_ft: int, seed: int, u: dict[str, Any]) 
 
 
 def tables_markdown(
-    rows: list[dict[str, Any]], unc: list[dict[str, Any]], proto: dict[str, Any], wall: float
+    rows: list[dict[str, Any]], unc: list[dict[str, Any]], proto: CaptureProtocol, wall: float
 ) -> str:
     def cell(preset: str, method: str, n_ft: int) -> str:
         d = [
@@ -268,10 +303,10 @@ def tables_markdown(
             return f"{m:.3f} ± {d[0]['dice_std']:.3f} (images)"
         return f"{m:.3f} ± {np.std([r['dice_mean'] for r in d]):.3f} (seeds={len(d)})"
 
-    presets = ["none", *proto["presets"]]
-    cols = [("med-nca", 0)] + [("vwsl", n) for n in proto["n_finetune"]]
+    presets = ["none", *proto.presets]
+    cols = [("med-nca", 0)] + [("vwsl", n) for n in proto.n_finetune]
     head = "| captured as | Med-NCA | " + " | ".join(
-        f"+ VWSL ({n} images)" for n in proto["n_finetune"]
+        f"+ VWSL ({n} images)" for n in proto.n_finetune
     )
     lines = [head + " |", "|---" * (len(cols) + 1) + "|"]
     for preset in presets:
@@ -285,13 +320,13 @@ def tables_markdown(
             f"| {u['dice_mean']:.3f} |"
         )
     return (
-        f"Trained on {proto['train_site']} (clean), tested on {proto['test_site']} test images "
-        f"captured with each preset (capture seed {proto.get('capture_seed', 0)}); Dice: mean "
+        f"Trained on {proto.train_site} (clean), tested on {proto.test_site} test images "
+        f"captured with each preset (capture seed {proto.capture_seed}); Dice: mean "
         "over test images; ± std over test images for one run, over VWSL seeds "
-        f"{proto.get('seeds', [0])} otherwise.\n\n"
+        f"{list(proto.seeds)} otherwise.\n\n"
         + "\n".join(lines)
-        + f"\n\nUncertainty on the first {proto.get('uncertainty_images', 8)} test images "
-        f"({proto.get('uncertainty_samples', 10)} samples each):\n\n"
+        + f"\n\nUncertainty on the first {proto.uncertainty_images} test images "
+        f"({proto.uncertainty_samples} samples each):\n\n"
         + "\n".join(ul)
         + f"\n\nwall time of this invocation: {wall:.0f} s; paper: VWSL gains "
         f"{PAPER_CAPTURE_GAIN}\n"

@@ -17,60 +17,76 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from experiments.common import (
+    FINETUNE_SPLIT,
+    SITES,
+    build,
+    finetune_from_dict,
+    head,
+    load_json_protocol,
+    load_site,
+    sum_unit_times,
+    unit,
+    use_compile_cache,
+    write_figure,
+)
 from nca_jax import checkpoint as ckpt
-from nca_jax.config import FinetuneConfig, atomic_write_text, config_from_dict
-from nca_jax.data import Dataset, load_split
+from nca_jax.config import FinetuneConfig, RunConfig, atomic_write_text, config_from_dict
+from nca_jax.data import Dataset
+from nca_jax.errors import ConfigError
 from nca_jax.evaluate import evaluate
 from nca_jax.finetuning import finetune
 from nca_jax.training import train_and_evaluate
 
-SITES = ("shenzhen", "montgomery")
-FINETUNE_SPLIT = {"shenzhen": "shenzhen_finetune", "montgomery": "montgomery_train"}
 PAPER_VWSL_GAIN = "+0.7 to +2.8 Dice points"
 
 
-def load(
-    args: argparse.Namespace,
-    site: str,
-    split: str,
-    size: int,
-    masks: bool = True,
-    limit: int | None = None,
-) -> Dataset:
-    d = load_split(
-        Path(args.data) / site, Path(args.splits) / f"{split}.txt", size=size, require_masks=masks
-    )
-    return d if limit is None else head(d, limit)
+@dataclasses.dataclass(frozen=True)
+class CrossSiteProtocol:
+    """A cross-site protocol (configs/cross_site_*.json); keys starting with "_" are comments."""
 
+    train_config: RunConfig  # the run config every site's model trains with (model / train)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)  # VWSL base
+    eval_samples: int = 10  # predictions per test image for every reported Dice
+    n_finetune: int = 50  # unlabelled target images fine-tuned on
+    seeds: tuple[int, ...] = (0,)  # training / fine-tuning seeds (--seeds overrides)
+    results_name: str = "cross_site"  # results/RESULTS_NAME.json, .md
+    runs_prefix: str = "xsite"  # committed runs: results/runs/RUNS_PREFIX-*-seed0
+    uncertainty_images: int = 8  # quality score on the first N target test images (0: none)
+    uncertainty_samples: int = 10  # predictions per image for the quality score
+    gamma_source: str = "shenzhen"  # the site whose first seed runs Table 2's gamma sweep
+    gammas: tuple[float, ...] = ()  # Table 2's gammas (with finetune.gamma)
+    refresh: tuple[int, ...] = ()  # Table 3: VWSL targets recomputed every k epochs
 
-def head(d: Dataset, n: int) -> Dataset:
-    """The first n cases of d (all of them when it has fewer)."""
-    if n >= len(d):
-        return d
-    masks = None if d.masks is None else d.masks[:n]
-    return Dataset(d.names[:n], d.images[:n], masks, d.source)
-
-
-def use_compile_cache(arg: str | None, work: Path) -> None:
-    """Units compile the same train / fine-tune / predict functions again and again (about 20 s
-    each for a training step on 2 cores): JAX's persistent cache compiles each once."""
-    if arg != "none":
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", str(Path(arg or work / ".jax_cache")))
+    @classmethod
+    def load(cls, path: str | Path) -> CrossSiteProtocol:
+        where = str(path)
+        proto = build(
+            cls,
+            load_json_protocol(path),
+            where,
+            parsers={
+                "train_config": lambda d, w: config_from_dict(d, where=w),
+                "finetune": finetune_from_dict,
+            },
+        )
+        if proto.gamma_source not in SITES:
+            raise ConfigError(f"{where}: gamma_source must be one of {SITES}")
+        return proto
 
 
 def fine_tuner(
-    a: argparse.Namespace,
+    data: str | Path,
+    splits: str | Path,
     run: Path,
     ft: Path,
     tgt: str,
@@ -85,7 +101,7 @@ def fine_tuner(
     def do_ft() -> dict[str, Any]:
         c, prm = ckpt.load_run(run)
         fc = dataclasses.replace(fbase, source_run=str(run), **fields)
-        imgs = load(a, tgt, FINETUNE_SPLIT[tgt], size, masks=False, limit=n_ft)
+        imgs = load_site(data, splits, tgt, FINETUNE_SPLIT[tgt], size, masks=False, limit=n_ft)
         resume = (ft / "checkpoints").exists()
         return finetune(
             c, prm, imgs, ft, fc, resume=resume, progress=False, uncertainty_after=False
@@ -132,18 +148,6 @@ def refresh_markdown(
     return "\n".join(lines) + "\n"
 
 
-def unit(path: Path, fn: Any) -> dict[str, Any]:
-    """Runs fn() unless path (its JSON result) exists; stores the result with its wall time."""
-    if path.exists():
-        return json.loads(path.read_text())
-    t0 = time.perf_counter()
-    res = fn()
-    res["wall_s"] = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(path, res)
-    return res
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocol", required=True)
@@ -158,20 +162,26 @@ def main(argv: list[str] | None = None) -> int:
         help="JAX persistent compilation cache (default: WORK/.jax_cache; 'none' turns it off)",
     )
     a = p.parse_args(argv)
+    try:
+        proto = CrossSiteProtocol.load(a.protocol)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     use_compile_cache(a.compile_cache, Path(a.work))
-    proto = {
-        k: v for k, v in json.loads(Path(a.protocol).read_text()).items() if not k.startswith("_")
-    }
-    cfg = config_from_dict(proto["train_config"], where=a.protocol)
-    fbase = FinetuneConfig(**proto.get("finetune", {}))
+    cfg, fbase = proto.train_config, proto.finetune
     size, work, res_dir = cfg.train.image_size, Path(a.work), Path(a.results)
-    samples, n_ft = proto.get("eval_samples", 10), proto.get("n_finetune", 50)
-    seeds = a.seeds if a.seeds is not None else proto.get("seeds", [0])
-    rname = proto.get("results_name", "cross_site")  # results/RNAME.json, .md
-    prefix = proto.get("runs_prefix", "xsite")  # committed runs: results/runs/PREFIX-*-seed0
+    samples, n_ft = proto.eval_samples, proto.n_finetune
+    if a.seeds is not None:  # the tables then name the seeds that ran
+        proto = dataclasses.replace(proto, seeds=tuple(a.seeds))
+    seeds = proto.seeds
+    rname, prefix = proto.results_name, proto.runs_prefix
     t_all = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    test = {s: load(a, s, f"{s}_test", size) for s in SITES}
+
+    def load(site: str, split: str) -> Dataset:
+        return load_site(a.data, a.splits, site, split, size)
+
+    test = {s: load(s, f"{s}_test") for s in SITES}
 
     def run_eval(run: Path, site: str, n: int | None = None, k: int = samples) -> dict[str, Any]:
         c, prm = ckpt.load_run(run)
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     unc_rows: list[dict[str, Any]] = []
     ref_rows: list[dict[str, Any]] = []
-    unc_n, unc_k = proto.get("uncertainty_images", 8), proto.get("uncertainty_samples", 10)
+    unc_n, unc_k = proto.uncertainty_images, proto.uncertainty_samples
 
     def uncertainty(run: Path, name: str, src: str, tgt: str, method: str) -> None:
         """Quality score (spread of unc_k samples) on the first unc_n target test images."""
@@ -221,11 +231,11 @@ def main(argv: list[str] | None = None) -> int:
                 resume = (run / "checkpoints").exists()
                 return train_and_evaluate(
                     c,
-                    load(a, src, f"{src}_train", size),
+                    load(src, f"{src}_train"),
                     run,
                     resume=resume,
                     progress=False,
-                    val=load(a, src, f"{src}_val", size),
+                    val=load(src, f"{src}_val"),
                 )
 
             unit(work / f"train-{src}-s{seed}.json", do_train)
@@ -239,11 +249,13 @@ def main(argv: list[str] | None = None) -> int:
             if seed == seeds[0] and unc_n > 0:
                 uncertainty(run, f"{src}-s{seed}-on-{tgt}", src, tgt, "med-nca")
             gammas = [fbase.gamma]
-            if not a.no_sweep and seed == seeds[0] and src == proto.get("gamma_source", "shenzhen"):
-                gammas = sorted(set(gammas) | set(proto.get("gammas", [])))
+            if not a.no_sweep and seed == seeds[0] and src == proto.gamma_source:
+                gammas = sorted(set(gammas) | set(proto.gammas))
             for g in gammas:
                 ft = work / f"vwsl-{src}-to-{tgt}-s{seed}-g{g:g}"
-                do_ft = fine_tuner(a, run, ft, tgt, fbase, size, n_ft, gamma=g, seed=seed)
+                do_ft = fine_tuner(
+                    a.data, a.splits, run, ft, tgt, fbase, size, n_ft, gamma=g, seed=seed
+                )
                 unit(work / f"vwsl-{src}-to-{tgt}-s{seed}-g{g:g}.json", do_ft)
                 ev = unit(
                     work / f"eval-vwsl-{src}-to-{tgt}-s{seed}-g{g:g}.json",
@@ -252,10 +264,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(_row(src, tgt, "vwsl", g, seed, ev))
                 if seed == seeds[0] and g == fbase.gamma and unc_n > 0:
                     uncertainty(ft, f"vwsl-{src}-to-{tgt}-s{seed}-g{g:g}", src, tgt, "vwsl")
-            for k in proto.get("refresh", []):  # targets recomputed every k epochs vs once
+            for k in proto.refresh:  # targets recomputed every k epochs vs once
                 name = f"vwsl-{src}-to-{tgt}-s{seed}-g{fbase.gamma:g}-r{k}"
                 do_ft = fine_tuner(
-                    a, run, work / name, tgt, fbase, size, n_ft, seed=seed, refresh_every=k
+                    a.data,
+                    a.splits,
+                    run,
+                    work / name,
+                    tgt,
+                    fbase,
+                    size,
+                    n_ft,
+                    seed=seed,
+                    refresh_every=k,
                 )
                 unit(work / f"{name}.json", do_ft)
                 ev = unit(work / f"eval-{name}.json", lambda n=name, t=tgt: run_eval(work / n, t))
@@ -292,22 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def sum_unit_times(work: Path, group_of: Any, note: str) -> str:
-    """Sums the measured wall times of the unit JSONs in `work` by group_of(file name) (None:
-    not counted) -> a markdown list with a total; `note` says how the cores were shared."""
-    groups: dict[str, float] = {}
-    for f in sorted(work.glob("*.json")):
-        key = group_of(f.name)
-        if key is not None:
-            groups[key] = groups.get(key, 0.0) + json.loads(f.read_text()).get("wall_s", 0.0)
-    lines = [f"- {k}: {v / 60:.1f} min" for k, v in sorted(groups.items())]
-    return (
-        f"\nMeasured unit wall times ({note}):\n\n"
-        + "\n".join(lines)
-        + f"\n- all units: {sum(groups.values()) / 60:.1f} min\n"
-    )
-
-
 def unit_times(work: Path, gamma: float) -> str:
     """Unit wall times per seed: Table 1 units, the gamma sweep's extra units, and the
     uncertainty units."""
@@ -325,40 +330,6 @@ def unit_times(work: Path, gamma: float) -> str:
         return f"seed {m.group(1)}, {part}"
 
     return sum_unit_times(work, group_of, "2 cores; other jobs shared the cores for some units")
-
-
-def write_figure(before: Path, after: Path, data: Dataset, png: Path, n: int = 4) -> None:
-    """Fig. 3/4 of the paper on our data: for n target-site test images, the image, the std map
-    of the source-trained model (10 samples), and overlays before and after VWSL (prediction red,
-    ground truth green)."""
-    import jax
-    from PIL import Image
-
-    from nca_jax.evaluate import overlay_rgb, std_rgb
-    from nca_jax.predict import sample
-
-    rows = []
-    for run in (before, after):
-        c, prm = ckpt.load_run(run)
-        probs = sample(prm, c.model, data.images[:n], jax.random.key(0), 10)
-        rows.append(probs)
-    tiles = []
-    for i in range(min(n, len(data))):
-        img = (np.stack([data.images[i]] * 3, -1) * 255).astype(np.uint8)
-        gt = data.masks[i] > 0.5
-        tiles.append(
-            np.concatenate(
-                [
-                    img,
-                    std_rgb(rows[0][:, i].std(0)),
-                    overlay_rgb(data.images[i], rows[0][:, i].mean(0) > 0.5, gt),
-                    overlay_rgb(data.images[i], rows[1][:, i].mean(0) > 0.5, gt),
-                ],
-                axis=0,
-            )
-        )
-    png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(tiles, axis=1)).save(png)
 
 
 def _row(
@@ -383,7 +354,7 @@ def _row(
 def tables_markdown(
     rows: list[dict[str, Any]],
     gamma: float,
-    proto: dict[str, Any],
+    proto: CrossSiteProtocol,
     wall: float,
     unc_rows: list[dict[str, Any]] | None = None,
 ) -> str:
@@ -419,7 +390,7 @@ def tables_markdown(
             + " | ".join("-" if t == src else cell(src, t, "vwsl", gamma) for t in SITES)
             + " |"
         )
-    src = proto.get("gamma_source", "shenzhen")
+    src = proto.gamma_source
     tgt = next(s for s in SITES if s != src)
     s0 = rows[0]["seed"] if rows else None  # the sweep runs for the first seed only
     gl = [
@@ -439,8 +410,8 @@ def tables_markdown(
             f"{u['quality_mean']:.4f} ± {u['quality_std']:.4f} | {u['dice_mean']:.3f} |"
         )
     unc_text = (
-        f"\n\nUncertainty (first {proto.get('uncertainty_images', 8)} test images of the target "
-        f"site, {proto.get('uncertainty_samples', 10)} samples each; quality score, lower = surer)"
+        f"\n\nUncertainty (first {proto.uncertainty_images} test images of the target "
+        f"site, {proto.uncertainty_samples} samples each; quality score, lower = surer)"
         "\n\n" + "\n".join(ul)
         if unc_rows
         else ""
@@ -449,7 +420,7 @@ def tables_markdown(
         "Table 1 (Dice of the thresholded mean of the samples; mean ± std over seeds of the "
         "per-seed mean over test images)\n\n"
         + "\n".join(lines)
-        + f"\n\nTable 2 (trained on {src}, seed {proto.get('seeds', [0])[0]})\n\n"
+        + f"\n\nTable 2 (trained on {src}, seed {proto.seeds[0]})\n\n"
         + "\n".join(gl)
         + unc_text
         + f"\n\nwall time of the last invocation (units found done are skipped): {wall:.0f} s; "

@@ -19,30 +19,69 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiments.common import build, load_json_protocol, use_compile_cache
+from nca_jax import checkpoint as ckpt
+from nca_jax.config import RunConfig, atomic_write_text, config_from_dict
+from nca_jax.data import load_split
+from nca_jax.errors import ConfigError
+from nca_jax.render import save_figure
+from nca_jax.training import train_and_evaluate
 
-from cross_site import use_compile_cache  # noqa: E402
 
-from nca_jax import checkpoint as ckpt  # noqa: E402
-from nca_jax.config import RunConfig, atomic_write_text, config_from_dict  # noqa: E402
-from nca_jax.data import load_split  # noqa: E402
-from nca_jax.training import train_and_evaluate  # noqa: E402
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One training variant: the run config file `config` (default: the paper's) with the
+    sections `model` / `train` laid over it."""
+
+    about: str = ""  # one line for the table
+    config: str = ""  # a run config JSON ("": the defaults, i.e. the paper's)
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def variant_config(spec: dict[str, Any], where: str) -> RunConfig:
-    """The variant's config: the file `spec['config']` (default: the paper's) with the
+@dataclasses.dataclass(frozen=True)
+class TimeToDiceProtocol:
+    """A time-to-Dice protocol (configs/time_to_dice.json); keys starting with "_" are comments,
+    and `_comment` is written under the table."""
+
+    variants: dict[str, Variant]  # name -> variant, run in this order
+    stop_at: float | None = None  # stop a variant once its validation Dice reaches this
+    targets: tuple[float, ...] = (0.85, 0.9)  # the table's "first val Dice >= t" columns
+    comment: str = ""  # the protocol's `_comment` (a key `comment` is refused)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TimeToDiceProtocol:
+        where = str(path)
+        raw = load_json_protocol(path)
+        if "comment" in raw:
+            raise ConfigError(f"{where}: unknown field(s) ['comment'] (a note is `_comment`)")
+
+        def variants(d: Any, w: str) -> dict[str, Variant]:
+            if not isinstance(d, dict):
+                raise ConfigError(f"{w}: expected a JSON object of variants")
+            return {n: build(Variant, v, f"{where} [variants.{n}]") for n, v in d.items()}
+
+        return build(
+            cls, {**raw, "comment": raw.get("_comment", "")}, where, {"variants": variants}
+        )
+
+
+def variant_config(spec: Variant, where: str) -> RunConfig:
+    """The variant's config: the file `spec.config` (default: the paper's) with the
     sections `model` / `train` of the spec laid over it."""
     base: dict[str, Any] = {}
-    if "config" in spec:
-        base = json.loads(Path(spec["config"]).read_text())
-    for section in ("model", "train"):
-        base[section] = {**base.get(section, {}), **spec.get(section, {})}
+    if spec.config:
+        base = json.loads(Path(spec.config).read_text())
+    base["model"] = {**base.get("model", {}), **spec.model}
+    base["train"] = {**base.get("train", {}), **spec.train}
     return config_from_dict(base, where=where)
 
 
@@ -109,13 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--publish-only", action="store_true", help="tables from finished runs only")
     p.add_argument("--compile-cache", help="as in cross_site.py ('none' turns it off)")
     a = p.parse_args(argv)
-    proto = json.loads(Path(a.protocol).read_text())
+    try:
+        proto = TimeToDiceProtocol.load(a.protocol)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     work, t0 = Path(a.work), time.perf_counter()
-    names = a.variants or list(proto["variants"])
-    unknown = set(names) - set(proto["variants"])
+    names = a.variants or list(proto.variants)
+    unknown = set(names) - set(proto.variants)
     if unknown:
         raise SystemExit(f"{a.protocol}: no variant(s) {sorted(unknown)}")
-    cfgs = {n: variant_config(proto["variants"][n], f"{a.protocol} [{n}]") for n in names}
+    cfgs = {n: variant_config(proto.variants[n], f"{a.protocol} [{n}]") for n in names}
     if not a.publish_only:
         use_compile_cache(a.compile_cache, work)
         site = Path(a.data) / "shenzhen"
@@ -137,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 val=val,
                 resume=(run / "config.json").exists(),
                 progress=False,
-                stop_at_val_dice=proto.get("stop_at"),
+                stop_at_val_dice=proto.stop_at,
             )
             ckpt.write_json(run / "run.json", summary)
     publish(a, proto, names, cfgs, work)
@@ -146,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def publish(
     a: argparse.Namespace,
-    proto: dict[str, Any],
+    proto: TimeToDiceProtocol,
     names: list[str],
     cfgs: dict[str, RunConfig],
     work: Path,
 ) -> None:
     cpu = cpu_step_table(a.cpu_bench)
-    targets = proto.get("targets", [0.85, 0.9])
+    targets = proto.targets
     rows = []
     for n in names:
         points = curve(cfgs[n], read_metrics(work / n), cpu)
@@ -161,7 +204,7 @@ def publish(
         tc = cfgs[n].train
         row = {
             "variant": n,
-            "about": proto["variants"][n].get("about", ""),
+            "about": proto.variants[n].about,
             "batch_size": tc.batch_size,
             "lr": tc.lr,
             "schedule": tc.schedule,
@@ -195,7 +238,9 @@ def _fmt_reach(hit: dict[str, Any] | None) -> str:
     )
 
 
-def markdown(rows: list[dict[str, Any]], targets: list[float], proto: dict[str, Any]) -> str:
+def markdown(
+    rows: list[dict[str, Any]], targets: Sequence[float], proto: TimeToDiceProtocol
+) -> str:
     head = " | ".join(f"first val Dice >= {t:g}" for t in targets)
     lines = [
         "Time to validation Dice on Shenzhen (50 training, 50 validation images): the projected "
@@ -218,11 +263,11 @@ def markdown(rows: list[dict[str, Any]], targets: list[float], proto: dict[str, 
             f"| {r['variant']} | {r['batch_size']} | {sched} | {r['best_val_dice']:.3f} "
             f"({r['steps_run']}) | {reach} |"
         )
-    lines += ["", proto.get("_comment", ""), ""]
+    lines += ["", proto.comment, ""]
     return "\n".join(lines)
 
 
-def figure(rows: list[dict[str, Any]], png: Path, targets: list[float]) -> None:
+def figure(rows: list[dict[str, Any]], png: Path, targets: Sequence[float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,11 +290,7 @@ def figure(rows: list[dict[str, Any]], png: Path, targets: list[float]) -> None:
     ax.set_ylim(0.3, 0.95)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(png)
+    save_figure(fig, png, dpi=110)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.common import fields_of
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import (
     ConfigError,
@@ -50,14 +51,6 @@ from nca_jax.training import train_and_evaluate
 
 FINETUNE_SPLIT = {"shenzhen": "shenzhen_finetune", "montgomery": "montgomery_train"}
 PAPER_GAIN = "+0.7 to +2.8 Dice points across sites (paper, Table 1)"
-
-
-def _fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    data = {k: v for k, v in data.items() if not k.startswith("_")}
-    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
-    return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,14 +123,14 @@ class Protocol:
             raw = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"{where}: not a readable protocol ({e})") from e
-        top = _fields(Protocol, raw, where)
+        top = fields_of(Protocol, raw, where)
         sources = {
-            s: Source(**_fields(Source, v, f"{where} [sources.{s}]"))
+            s: Source(**fields_of(Source, v, f"{where} [sources.{s}]"))
             for s, v in top.pop("sources").items()
         }
         methods = []
         for m in top.pop("methods"):
-            f = _fields(Method, m, f"{where} [methods]")
+            f = fields_of(Method, m, f"{where} [methods]")
             f["seeds"] = tuple(f.get("seeds", (0,)))
             methods.append(Method(**f))
         names = {m.name: m for m in methods}
@@ -155,8 +148,8 @@ def finetune_config(m: Method, seed: int, proto: Protocol, source_run: str) -> F
     base: dict[str, Any] = {}
     if m.config:
         raw = json.loads(Path(m.config).read_text())
-        base = _fields(FinetuneConfig, raw.get("finetune", raw), m.config)
-    fields = {**base, **_fields(FinetuneConfig, m.finetune, f"method {m.name}")}
+        base = fields_of(FinetuneConfig, raw.get("finetune", raw), m.config)
+    fields = {**base, **fields_of(FinetuneConfig, m.finetune, f"method {m.name}")}
     fields.setdefault("snapshot_every", proto.snapshot_every)
     fc = FinetuneConfig(**{**fields, "seed": seed, "source_run": source_run})
     fc.validate()

@@ -1,10 +1,17 @@
 import json
 import subprocess
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
 
+from experiments.capture_experiment import CaptureProtocol
+from experiments.common import build, fields_of, load_json_protocol
+from experiments.cross_site import CrossSiteProtocol
+from experiments.time_to_dice import TimeToDiceProtocol, variant_config
+from experiments.vwsl_study import Protocol as VwslProtocol
+from nca_jax.errors import ConfigError
 from nca_jax.phantoms import write_phantom_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,8 +147,7 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
 def test_time_to_dice_curves_and_cpu_projection(tmp_path):
     """Two tiny variants (one with a curriculum) on a phantom 'shenzhen'; the CPU projection is
     steps x the bench's seconds per step of each epoch's (batch, NCA steps)."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import time_to_dice
+    from experiments import time_to_dice
 
     data, splits = tmp_path / "data", tmp_path / "splits"
     splits.mkdir()
@@ -283,3 +289,130 @@ def test_vwsl_study_runs_resumes_and_reports_every_method_and_selection(tmp_path
     (tmp_path / "p.json").write_text(json.dumps(proto))
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: method vwsl-default cannot")
+
+
+# the committed protocols each script reads
+PROTOCOLS = {
+    CrossSiteProtocol: ("cross_site_cpu", "cross_site_cpu15", "cross_site_gpu"),
+    CaptureProtocol: ("capture_cpu",),
+    TimeToDiceProtocol: ("time_to_dice",),
+    VwslProtocol: ("vwsl_cpu", "vwsl_gpu"),
+}
+
+
+@pytest.mark.parametrize("cls,name", [(cls, n) for cls, names in PROTOCOLS.items() for n in names])
+def test_committed_protocols_load_and_every_key_is_read(cls, name):
+    path = ROOT / "configs" / f"{name}.json"
+    proto = cls.load(path)
+    raw = json.loads(path.read_text())
+    assert {k for k in raw if not k.startswith("_")} <= {f.name for f in fields(cls)}
+    if cls is TimeToDiceProtocol:
+        assert proto.comment == raw["_comment"]
+        for n, v in proto.variants.items():  # each variant's run config is valid
+            variant_config(v, n)
+
+
+def test_every_committed_protocol_is_checked():
+    """Every configs/*.json that is not a run config (model / train / finetune sections) is a
+    protocol listed above."""
+    checked = {n for names in PROTOCOLS.values() for n in names}
+    protocols = {
+        p.stem
+        for p in (ROOT / "configs").glob("*.json")
+        if {k for k in json.loads(p.read_text()) if not k.startswith("_")}
+        - {"model", "train", "finetune"}
+    }
+    assert protocols == checked
+
+
+@pytest.mark.parametrize("cls,name", [(c, ns[0]) for c, ns in PROTOCOLS.items()])
+def test_protocols_reject_an_unknown_key_naming_file_and_key(tmp_path, cls, name):
+    raw = json.loads((ROOT / "configs" / f"{name}.json").read_text())
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({**raw, "eval_sampels": 3}))
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['eval_sampels'\]") as e:
+        cls.load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_protocols_reject_unknown_nested_keys_and_bad_types(tmp_path):
+    path = tmp_path / "p.json"
+    raw = json.loads((ROOT / "configs" / "cross_site_cpu.json").read_text())
+    for bad, msg in (
+        ({"finetune": {**raw["finetune"], "gama": 1.0}}, r"\[finetune\]: unknown.*'gama'"),
+        ({"train_config": {"train": {"epoch": 1}}}, r"\[train_config\] \[train\]: unknown"),
+        ({"n_finetune": "8"}, r"n_finetune must be of type int, got '8'"),
+        ({"seeds": [0, True]}, r"seeds must be of type tuple\[int, \.\.\.\]"),
+        ({"gamma_source": "shenzen"}, r"gamma_source must be one of"),
+    ):
+        path.write_text(json.dumps({**raw, **bad}))
+        with pytest.raises(ConfigError, match=msg):
+            CrossSiteProtocol.load(path)
+    ttd = json.loads((ROOT / "configs" / "time_to_dice.json").read_text())
+    ttd["variants"]["paper"]["abuot"] = "x"
+    path.write_text(json.dumps(ttd))
+    with pytest.raises(ConfigError, match=r"\[variants.paper\]: unknown field\(s\) \['abuot'\]"):
+        TimeToDiceProtocol.load(path)
+    path.write_text(json.dumps({"variants": {}, "comment": "x"}))
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['comment'\]"):
+        TimeToDiceProtocol.load(path)
+    cap = json.loads((ROOT / "configs" / "capture_cpu.json").read_text())
+    path.write_text(json.dumps({**cap, "presets": ["sever"]}))
+    with pytest.raises(ConfigError, match=r"unknown preset\(s\) \['sever'\]"):
+        CaptureProtocol.load(path)
+    del cap["source_run"]
+    path.write_text(json.dumps(cap))
+    with pytest.raises(ConfigError, match=r"missing field\(s\) \['source_run'\]"):
+        CaptureProtocol.load(path)
+
+
+def test_json_protocol_errors_are_one_line_naming_the_file(tmp_path):
+    for text, msg in (
+        (None, "no such protocol file"),
+        ("{", "not a readable protocol"),
+        ("[1]", "expected a JSON object"),
+    ):
+        path = tmp_path / "p.json"
+        path.unlink(missing_ok=True)
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(ConfigError, match=msg) as e:
+            load_json_protocol(path)
+        assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+def test_build_defaults_comments_and_tuples():
+    @dataclass(frozen=True)
+    class P:
+        n: int
+        xs: tuple[float, ...] = (1.0,)
+        stop: float | None = None
+
+    p = build(P, {"_note": "ignored", "n": 2, "xs": [0, 2.5]}, "w")
+    assert p == P(2, (0, 2.5)) and isinstance(p.xs, tuple)
+    assert fields_of(P, {"_c": 1, "n": 1}, "w") == {"n": 1}
+    with pytest.raises(ConfigError, match=r"w: stop must be of type float \| None"):
+        build(P, {"n": 1, "stop": "no"}, "w")
+    with pytest.raises(ConfigError, match=r"w: expected a JSON object"):
+        fields_of(P, [1], "w")
+
+
+def test_scripts_run_as_files_and_as_modules_without_sys_path_inserts(tmp_path):
+    """The experiments are a package: `python experiments/X.py` and `python -m experiments.X`
+    both import experiments.common from anywhere, with no sys.path insert or hand-made
+    argparse.Namespace left in experiments/ or this file."""
+    insert, namespace = "sys.path" + ".insert", "argparse.Namespace" + "("
+    for path in [*(ROOT / "experiments").glob("*.py"), Path(__file__)]:
+        text = path.read_text()
+        assert insert not in text and namespace not in text, path
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"variants": {}, "stop_at": 0.9, "target": [0.5]}))
+    for cmd in (
+        [sys.executable, str(ROOT / "experiments" / "time_to_dice.py")],
+        [sys.executable, "-m", "experiments.time_to_dice"],
+    ):
+        r = subprocess.run(
+            [*cmd, "--protocol", str(bad)], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.strip() == f"error: {bad}: unknown field(s) ['target']"

@@ -1,0 +1,1 @@
+"""The paper's experiments on our data: one script per study, sharing experiments.common."""
