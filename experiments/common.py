@@ -206,10 +206,9 @@ def write_figure(before: Path, after: Path, data: Dataset, png: Path, n: int = 4
     of the source-trained model (10 samples), and overlays before and after VWSL (prediction red,
     ground truth green)."""
     import jax
-    from PIL import Image
 
-    from nca_jax.evaluate import overlay_rgb, std_rgb
     from nca_jax.predict import sample
+    from nca_jax.render import overlay_rgb, save_image, std_rgb
 
     rows = []
     for run in (before, after):
@@ -232,4 +231,4 @@ def write_figure(before: Path, after: Path, data: Dataset, png: Path, n: int = 4
             )
         )
     png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(tiles, axis=1)).save(png)
+    save_image(png, np.concatenate(tiles, axis=1))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nca_jax.config import atomic_write_text
 from nca_jax.data import find_pairs
 
 PLAN = {
@@ -38,7 +39,7 @@ def main() -> None:
             chosen = sorted(names[i] for i in order[pos : pos + k])
             pos += k
             header = f"# {site} {part}: {k} cases, seed {a.seed}, experiments/make_splits.py\n"
-            (out / f"{site}_{part}.txt").write_text(header + "\n".join(chosen) + "\n")
+            atomic_write_text(out / f"{site}_{part}.txt", header + "\n".join(chosen) + "\n")
             print(f"{site}_{part}: {len(chosen)}")
 
 

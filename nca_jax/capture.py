@@ -56,7 +56,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from nca_jax.cli import run_cli
-from nca_jax.render import save_figure
+from nca_jax.config import atomic_write_text
+from nca_jax.render import save_figure, save_image
 
 DISPLAYS = ("monitor", "lightbox")
 
@@ -388,14 +389,14 @@ def capture_folder(
                 continue
             p = draw_params(PRESETS[preset], case_rng(seed, name))
             photo, warped = capture(grey, mask, p)
-            Image.fromarray(photo).save(tmp / "images" / f"{name}.png")
+            save_image(tmp / "images" / f"{name}.png", photo)
             if warped is not None:
-                Image.fromarray(warped * 255).save(tmp / "masks" / f"{name}.png")
+                save_image(tmp / "masks" / f"{name}.png", warped * 255)
             cases[name] = p.to_json()
         if not cases:
             raise DataError(f"{data}: no image could be read")
         manifest = {"source": str(data), "preset": preset, "seed": seed, "cases": cases}
-        (tmp / "capture.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(tmp / "capture.json", json.dumps(manifest, indent=1) + "\n")
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from nca_jax.cli import run_cli
@@ -32,6 +31,7 @@ from nca_jax.config import atomic_write_bytes, atomic_write_text, to_json
 from nca_jax.data import Dataset, load_folder, load_split
 from nca_jax.errors import DeviceError  # noqa: F401 (re-exported)
 from nca_jax.paths import check_output_folder
+from nca_jax.render import save_image
 
 PAPER_TRAIN_EPOCHS, PAPER_FINETUNE_EPOCHS, PAPER_IMAGES = 1500, 100, 50
 
@@ -308,9 +308,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 def _png(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    Image.fromarray(arr.astype(np.uint8)).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    save_image(path, arr.astype(np.uint8))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

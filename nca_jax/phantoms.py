@@ -14,11 +14,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from nca_jax.cli import run_cli
 from nca_jax.data import Dataset
+from nca_jax.render import save_image
 
 # The seeds of the built-in phantom sets, so that train, validation and test never overlap.
 PHANTOM_TRAIN_SEED, PHANTOM_VAL_SEED, PHANTOM_TEST_SEED = 1000, 2000, 3000
@@ -217,8 +217,8 @@ def write_phantom_folder(out: str | Path, n: int, seed: int, size: int = 256) ->
     for i in range(n):
         image, mask = _phantom(seed, i, size)
         name = _name(seed, i)
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(out / "images" / f"{name}.png")
-        Image.fromarray((mask > 0).astype(np.uint8) * 255).save(out / "masks" / f"{name}.png")
+        save_image(out / "images" / f"{name}.png", np.round(image * 255).astype(np.uint8))
+        save_image(out / "masks" / f"{name}.png", (mask > 0).astype(np.uint8) * 255)
     return out
 
 
