@@ -212,3 +212,32 @@ def test_fast_backward_equals_autodiff_of_the_flax_rule():
     got, want = jax.tree_util.tree_leaves(vjp(cot)), jax.tree_util.tree_leaves(ref_vjp(cot))
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # three compilations of a gradient
+def test_scan_unrolled_and_python_loop_rollouts_agree():
+    """The three ways of running the steps (lax.scan, the fully unrolled scan used in training,
+    the Python loop the TFLite export needs) give the same states and the same gradients."""
+    cfg = _tiny(steps=4)
+    params = randomised_params(cfg)
+    img = jax.random.uniform(jax.random.key(7), (2, 16, 16))
+    key = jax.random.key(11)
+
+    def out(unroll):
+        return m.predict_logits(params, img, cfg=cfg, key=key, unroll=unroll)
+
+    ref = jax.jit(lambda: out(False))()
+    for u in (True, "python"):
+        np.testing.assert_allclose(jax.jit(lambda u=u: out(u))(), ref, rtol=1e-5, atol=1e-5)
+
+    def loss(p, unroll):
+        return jnp.mean(m.predict_logits(p, img, cfg=cfg, key=key, unroll=unroll) ** 2)
+
+    g_ref = jax.jit(jax.grad(lambda p: loss(p, False)))(params)
+    for u in (True, "python"):
+        g = jax.jit(jax.grad(lambda p, u=u: loss(p, u)))(params)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref), strict=True
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(ref).max()) > 0  # the steps did something
