@@ -48,6 +48,7 @@ def _batch(cfg: RunConfig, seed: int = 0):
     return images, targets, weights
 
 
+@pytest.mark.slow
 def test_pseudo_label_loss_is_vwsl_seg_of_the_same_run_with_unit_weights(tiny_cfg):
     params = randomised_params(tiny_cfg.model)
     images, targets, weights = _batch(tiny_cfg)
@@ -153,6 +154,7 @@ def test_pseudo_label_and_vwsl_share_the_segmentation_loss(tiny_cfg):
     assert float(v) == pytest.approx(float(p), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_balanced_gamma_equalises_the_two_gradient_norms(tiny_cfg, tmp_path):
     """gamma_rule 'balance': gamma x |grad consistency| = |grad seg| on the first batch at the
     source weights; the run trains with it (loss = seg + gamma x consistency, per epoch)."""

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from nca_jax import bench
 from nca_jax.config import ModelConfig
 
@@ -11,6 +13,7 @@ def test_flop_count_matches_the_issue():
     assert abs(bench.predict_cell_steps(mc, 256) * 25_600 - 89.1e9) < 0.1e9
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path):
     out = tmp_path / "b.json"
     assert (

@@ -397,6 +397,7 @@ def test_build_defaults_comments_and_tuples():
         fields_of(P, [1], "w")
 
 
+@pytest.mark.slow
 def test_scripts_run_as_files_and_as_modules_without_sys_path_inserts(tmp_path):
     """The experiments are a package: `python experiments/X.py` and `python -m experiments.X`
     both import experiments.common from anywhere, with no sys.path insert or hand-made

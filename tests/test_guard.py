@@ -128,6 +128,7 @@ def test_a_collapse_is_caught_and_rolled_back(tiny_run, tmp_path, capsys):
     assert json.loads((tmp_path / "ft" / "run.json").read_text())["verdict"] == "rolled back"
 
 
+@pytest.mark.slow
 def test_finetune_cli_ends_with_the_verdict_line(tiny_run, tmp_path, capsys):
     from nca_jax import finetune_cli
     from nca_jax.phantoms import write_phantom_folder

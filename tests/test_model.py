@@ -196,6 +196,7 @@ def test_downscale_upscale():
     np.testing.assert_array_equal(up[0, :, :, 0], [[1, 1, 2, 2], [1, 1, 2, 2]])
 
 
+@pytest.mark.slow
 def test_fast_backward_equals_autodiff_of_the_flax_rule():
     """apply_rule (hand-written backward) = UpdateRule.apply in value and in gradient."""
     cfg = ModelConfig(channels=6, hidden=10)

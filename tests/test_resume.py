@@ -38,6 +38,7 @@ def test_resuming_a_finished_run_keeps_the_best_weights(tiny_cfg, phantoms, tmp_
     assert summary["weights"] == first["weights"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_restarts_on_resume(tiny_cfg, phantoms, tmp_path):
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, epochs=2))
     full = train_and_evaluate(cfg, phantoms, tmp_path / "full", progress=False)

@@ -53,6 +53,7 @@ def test_empty_patch_labels_skip_the_update(tiny_cfg, phantoms):
     assert int(state.step) == 1
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(tiny_cfg, phantoms, tmp_path):
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, epochs=3))
     full = train_and_evaluate(cfg, phantoms, tmp_path / "full", val=phantoms, progress=False)
@@ -151,6 +152,7 @@ def test_schedules_warm_up_then_decay_exactly():
     assert float(cos(12)) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_curriculum_epochs_train_with_fewer_nca_steps(tiny_cfg, phantoms, tmp_path):
     """One curriculum epoch at 2 NCA steps equals one epoch of a 2-step model; then the full
     number of steps takes over (the model and the inference stay the same)."""

@@ -156,6 +156,7 @@ def _ft(argv, capsys):
     return e.value.code, capsys.readouterr().err.strip()
 
 
+@pytest.mark.slow
 def test_finetune_never_opens_a_mask(tiny_run, tmp_path, monkeypatch, capsys):
     data = write_phantom_folder(tmp_path / "data", n=3, seed=4, size=32)
     for p in (data / "masks").iterdir():
