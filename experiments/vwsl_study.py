@@ -170,6 +170,14 @@ def unit(path: Path, fn: Any, compute: bool = True) -> dict[str, Any] | None:
     return res
 
 
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two weights .npz files hold the same arrays (names, shapes and values)."""
+    with np.load(a, allow_pickle=False) as x, np.load(b, allow_pickle=False) as y:
+        return sorted(x.files) == sorted(y.files) and all(
+            np.array_equal(x[n], y[n]) for n in x.files
+        )
+
+
 def head(d: Dataset, n: int) -> Dataset:
     if n >= len(d):
         return d
@@ -284,6 +292,17 @@ class Study:
             self.partial[name] = ft
         return None if res is None or not res.get("finished") else (ft, res)
 
+    def epoch_eval(
+        self, ft: Path, res: dict, e: int, tgt: str, last_ev: dict | None
+    ) -> dict[str, Any] | None:
+        """The eval_samples evaluation of the snapshot of epoch e; the run's last epoch IS
+        weights_last.npz (checked array by array), whose evaluation is reused, not repeated."""
+        snap = self.snapshots(ft)[e]
+        if e == res["epochs_done"] and last_ev is not None:
+            if same_weights(snap, ft / "weights_last.npz"):
+                return last_ev
+        return self.evaluate(f"{ft.name}-e{e:04d}", ft, snap, tgt, self.p.eval_samples)
+
     def snapshots(self, ft: Path) -> dict[int, Path]:
         return {int(f.stem[5:]): f for f in sorted((ft / "snapshots").glob("epoch*.npz"))}
 
@@ -379,7 +398,7 @@ def collect(st: Study, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                 ft, res = got_ft
                 per_epoch, tag = res["steps_per_epoch"], ft.name
                 common = {"n_target_images": res["n_train"], "wall_s": res.get("wall_s")}
-                ev = st.evaluate(tag + "-last", ft, ft / "weights_last.npz", tgt, k)
+                ev = last_ev = st.evaluate(tag + "-last", ft, ft / "weights_last.npz", tgt, k)
                 if ev is not None:
                     rows.append(
                         row(
@@ -397,12 +416,7 @@ def collect(st: Study, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                 lf = st.label_free(m, ft, res, src_params, tgt)
                 if lf is not None:
                     e = lf["epoch"]
-                    w = src_params if e is None else ft / "snapshots" / f"epoch{e:04d}.npz"
-                    ev = (
-                        base.get(tgt)
-                        if e is None
-                        else st.evaluate(f"{tag}-e{e:04d}", ft, w, tgt, k)
-                    )
+                    ev = base.get(tgt) if e is None else st.epoch_eval(ft, res, e, tgt, last_ev)
                     if ev is not None:
                         rows.append(
                             row(
@@ -431,7 +445,7 @@ def collect(st: Study, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                     if best is None
                     else base.get(tgt)
                     if best == 0
-                    else st.evaluate(f"{tag}-e{best:04d}", ft, st.snapshots(ft)[best], tgt, k)
+                    else st.epoch_eval(ft, res, best, tgt, last_ev)
                 )
                 if ev is not None:
                     rows.append(

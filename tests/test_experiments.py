@@ -278,6 +278,17 @@ def test_vwsl_study_runs_resumes_and_reports_every_method_and_selection(tmp_path
         (r["train_site"], r["test_site"]): r["dice_mean"] for r in rows if r["method"] == "med-nca"
     }
     assert all(r["dice_mean"] == base[(r["train_site"], r["test_site"])] for r in roll)
+    # the last epoch's snapshot IS weights_last: its evaluation is reused, never repeated
+    assert not list((tmp_path / "work" / "evals").glob("*-e0002-on-*-k2.json"))
+    last = {
+        (r["train_site"], r["method"], r["seed"]): r["dice_mean"]
+        for r in rows
+        if r["selection"] == "last" and r["method"] != "med-nca"
+    }
+    at_end = [r for r in rows if r["selection"] != "last" and r.get("selected_epoch") == 2]
+    assert at_end  # the oracle or the safety net chose the last epoch somewhere
+    for r in at_end:
+        assert r["dice_mean"] == last[(r["train_site"], r["method"], r["seed"])]
     md = (tmp_path / "results" / "vwsl.md").read_text()
     assert "| shenzhen | montgomery | vwsl-authors | last |" in md
     # resumable: a second invocation computes nothing new and gives the same rows
