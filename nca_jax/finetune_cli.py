@@ -119,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         "warn": lambda m: print(f"warning: {m}", file=sys.stderr),
     }
     data = load_split(a.data, a.split, **kw) if a.split else load_folder(a.data, **kw)
+    if fc.batch_size > len(data):  # config.json must say what the run does
+        print(
+            f"warning: batch size {fc.batch_size} but only {len(data)} images: "
+            f"batch size {len(data)}",
+            file=sys.stderr,
+        )
+        fc = dataclasses.replace(fc, batch_size=len(data))
     s = finetune(
         source,
         params,

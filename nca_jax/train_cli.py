@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.val or a.data is None:
         n_val = max(a.phantoms // 4, 4)
         val = load_labelled(a.val, a.val_split, size, n_val, PHANTOM_VAL_SEED, **masks)
+    if cfg.train.batch_size > len(train):  # config.json must say what the run does
+        print(
+            f"warning: batch size {cfg.train.batch_size} but only {len(train)} training images: "
+            f"batch size {len(train)}",
+            file=sys.stderr,
+        )
+        cfg = with_overrides(cfg, batch_size=len(train))
     summary = train_and_evaluate(
         cfg, train, a.out, val=val, resume=a.resume, progress=not a.no_progress
     )

@@ -286,3 +286,25 @@ def test_area_warning_flags_a_collapse_or_a_flood_only():
     full = area_warning(0.20, 0.70)
     assert full and "over-full" in full
     assert area_warning(0.0, 0.0) is None and "from none" in area_warning(0.0, 0.1)
+
+
+@pytest.mark.slow  # a fine-tuning and a training run
+def test_batch_larger_than_the_data_is_said_and_recorded(tiny_run, tmp_path, capsys):
+    """A batch size above the number of images warns, and config.json records the batch the
+    run actually used (fine-tuning and training alike)."""
+    from nca_jax import train_cli
+
+    data = write_phantom_folder(tmp_path / "data", n=2, seed=4, size=32)
+    out = tmp_path / "ft"
+    args = ["--run", str(tiny_run), "--data", str(data), "--out", str(out)]
+    code, err = _ft([*args, "--epochs", "1", "--samples", "2", "--batch-size", "8"], capsys)
+    assert code == 0, err
+    assert "batch size 8 but only 2 images: batch size 2" in err
+    assert json.loads((out / "config.json").read_text())["finetune"]["batch_size"] == 2
+    run = tmp_path / "run"
+    train = ["--data", str(data), "--out", str(run), "--config", str(tiny_run / "config.json")]
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: train_cli.main([*train, "--batch-size", "8", "--no-progress"]))
+    assert e.value.code == 0
+    assert "batch size 8 but only 2 training images" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 2
