@@ -28,7 +28,7 @@ from nca_jax import checkpoint as ckpt
 from nca_jax import export as ex
 from nca_jax.bench import bench_tflite
 from nca_jax.data import load_split
-from nca_jax.model import predict_logits, sample_keys
+from nca_jax.predict import make_predict, predict_dataset
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from ai_edge_litert.interpreter import Interpreter
 
     cfg, params = ckpt.load_run(a.run)
-    spec = ex.ExportSpec(fixed_randomness=True)
+    size = cfg.train.image_size  # the run's own size (256 for the paper's model)
+    spec = ex.ExportSpec(size=size, fixed_randomness=True)
     data = load_split(a.data, a.split, size=spec.size, require_masks=False)
     res: dict = {"run": a.run, "spec": spec.__dict__}
     with tempfile.TemporaryDirectory() as d:
@@ -82,17 +83,17 @@ def main(argv: list[str] | None = None) -> int:
             float(np.abs(opt[f"train_opt_{i}"] - np.asarray(x)).max()) for i, x in enumerate(o)
         )
         sample = Interpreter(model_path=str(path)).get_signature_runner("sample")
-        f = jax.jit(
-            lambda i, k: jax.vmap(
-                lambda kk: jax.nn.sigmoid(predict_logits(params, i, cfg=cfg.model, key=kk))
-            )(sample_keys(k, 10)).mean(0)
-        )
+        predict10 = make_predict(cfg.model, 10)  # the library's 10-sample prediction
+
+        def f(x: np.ndarray, key: jax.Array) -> np.ndarray:
+            return predict_dataset(predict10, params, x, key, chunk=1).mean(0)
+
         rows = []
         for i in range(min(a.n, len(data))):
             x = data.images[i : i + 1]
             dev = sample(image=np.ascontiguousarray(x[..., None]))["mean"][0, ..., 0] > 0.5
-            j0 = np.asarray(f(x, jax.random.key(0)))[0] > 0.5
-            j1 = np.asarray(f(x, jax.random.key(1)))[0] > 0.5
+            j0 = f(x, jax.random.key(0))[0] > 0.5
+            j1 = f(x, jax.random.key(1))[0] > 0.5
             rows.append(
                 {"case": data.names[i], "device_vs_jax": dice(dev, j0), "jax_vs_jax": dice(j1, j0)}
             )
@@ -103,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         plain = Path(a.plain)
     else:
         plain = Path(tempfile.mkdtemp()) / "plain.tflite"
-        ex.export(cfg, params, ex.ExportSpec(), plain, source=a.run)
+        ex.export(cfg, params, ex.ExportSpec(size=size), plain, source=a.run)
     res["bytes"] = plain.stat().st_size
     sizes = {}
     for sigs in (("infer",), ("infer", "sample"), ("infer", "sample", "train")):
         f = Path(tempfile.mkdtemp()) / "part.tflite"
-        sizes["+".join(sigs)] = ex.export(cfg, params, ex.ExportSpec(signatures=sigs), f)["bytes"]
+        sizes["+".join(sigs)] = ex.export(
+            cfg, params, ex.ExportSpec(size=size, signatures=sigs), f
+        )["bytes"]
     sizes["all"] = res["bytes"]
     res["bytes_per_signature_set"] = sizes
     res["timing"] = bench_tflite(str(plain), a.reps)
