@@ -579,9 +579,14 @@ def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
             "(area = predicted lung share, quality = sample spread, lower is surer).",
             "",
         ]
+        shown: dict[str, list] = {}
         for c in curves:
+            if shown.get(c["run"]) == c["points"]:  # a reused run with the same checks
+                out += [f"**{c['run']}** ({c['method']}): the same run and checks as above.", ""]
+                continue
+            shown[c["run"]] = c["points"]
             sc = c["source_check"]
-            head_ = f"**{c['run']}**"
+            head_ = f"**{c['run']}** ({c['method']})"
             if sc:
                 head_ += (
                     f" (source: area {sc['area']:.1%}, quality {sc['quality']:.4f}, "
