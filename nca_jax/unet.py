@@ -1,0 +1,106 @@
+"""The UNet baselines of issue 16 (Table 1), in Flax: the paper's UNet and a small one.
+
+The paper's UNet (36,950,273 parameters) is fepegar/unet's ``UNet2D(in_channels=1, padding=1,
+out_classes=1)`` as the authors build it (MECLabTUDA/M3D-NCA, branch unsupervised_training,
+src/utils/BaselineConfigs.py, EXP_UNet2D), every other argument at its default: 5 encoding
+blocks (4 pooling levels and a bottom block), 64 channels in the first layer doubling per level,
+two 3x3 convolutions with bias and ReLU per block, no normalisation, 2x2 max pooling, 2x2
+stride-2 transposed convolutions that keep the channel count, skip features concatenated first,
+a 1x1 convolution head giving logits. ``small`` (3 encoding blocks, 7 first-layer channels) is
+the same family with 26,664 parameters, about Med-NCA's 26,432.
+
+Only the model lives here; training, evaluation and export use it through the config (to do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """num_encoding_blocks: pooling levels + 1 (the bottom block); first_channels: channels of
+    the first level (doubled at every level below)."""
+
+    num_encoding_blocks: int = 5
+    first_channels: int = 64
+
+
+PAPER_UNET = UNetConfig(5, 64)  # 36,950,273 parameters
+SMALL_UNET = UNetConfig(3, 7)  # 26,664 parameters
+
+
+def _torch_like_bias(fan_in: int):
+    """PyTorch's default bias init, U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# PyTorch's default kernel init (kaiming_uniform with a = sqrt(5)) is U(+-1/sqrt(fan_in))
+_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class _DoubleConv(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for _ in range(2):
+            fan_in = 9 * x.shape[-1]
+            x = nn.Conv(
+                self.features,
+                (3, 3),
+                padding="SAME",
+                kernel_init=_KERNEL,
+                bias_init=_torch_like_bias(fan_in),
+            )(x)
+            x = nn.relu(x)
+        return x
+
+
+class UNet(nn.Module):
+    """(B, H, W, 1) image -> (B, H, W) lung logits; H and W divisible by
+    2 ** (num_encoding_blocks - 1)."""
+
+    cfg: UNetConfig = PAPER_UNET
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        depth = self.cfg.num_encoding_blocks - 1
+        f = self.cfg.first_channels
+        skips = []
+        for level in range(depth):
+            x = _DoubleConv(f * 2**level)(x)
+            skips.append(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = _DoubleConv(f * 2**depth)(x)
+        for level in reversed(range(depth)):
+            c = x.shape[-1]
+            x = nn.ConvTranspose(
+                c,
+                (2, 2),
+                strides=(2, 2),
+                padding="VALID",
+                kernel_init=_KERNEL,
+                bias_init=_torch_like_bias(4 * c),
+            )(x)
+            x = jnp.concatenate([skips[level], x], axis=-1)
+            x = _DoubleConv(f * 2**level)(x)
+        out = nn.Conv(1, (1, 1), kernel_init=_KERNEL, bias_init=_torch_like_bias(f))(x)
+        return out[..., 0]
+
+
+def count_unet_params(cfg: UNetConfig, size: int = 256) -> int:
+    """Parameter count of UNet(cfg), from shapes only (nothing is allocated)."""
+    shapes = jax.eval_shape(
+        lambda: UNet(cfg).init(jax.random.key(0), jnp.zeros((1, size, size, 1), jnp.float32))
+    )
+    return sum(int(jnp.prod(jnp.array(x.shape))) for x in jax.tree_util.tree_leaves(shapes))
