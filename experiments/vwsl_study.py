@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -168,6 +169,24 @@ def unit(path: Path, fn: Any, compute: bool = True) -> dict[str, Any] | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(path, res)
     return res
+
+
+NET_FIELDS = (
+    "check_images",
+    "check_samples",
+    "area_min_ratio",
+    "area_max_ratio",
+    "min_quality_gain",
+    "rollback",
+)
+
+
+def net_tag(fc: FinetuneConfig) -> str:
+    """'default' for the default safety net, else 'net' + a hash of its settings."""
+    d = {k: getattr(fc, k) for k in NET_FIELDS}
+    if d == {k: getattr(FinetuneConfig(), k) for k in NET_FIELDS}:
+        return "default"
+    return "net" + hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -319,12 +338,13 @@ class Study:
                 "post_hoc": False,
             }
 
+        run_cfg = load_config(ft / "config.json")
+        fc = finetune_config(m, run_cfg.finetune.seed, self.p, "")
+        if fc.check_every == 0:  # a method without checks: the default safety net
+            fc = dataclasses.replace(FinetuneConfig(), seed=run_cfg.finetune.seed)
+
         def do() -> dict[str, Any]:
-            cfg = load_config(ft / "config.json")
-            fc = finetune_config(m, cfg.finetune.seed, self.p, "")
-            if fc.check_every == 0:  # a method without checks: the default safety net
-                fc = dataclasses.replace(FinetuneConfig(), seed=cfg.finetune.seed)
-            cfg = dataclasses.replace(cfg, finetune=fc)
+            cfg = dataclasses.replace(run_cfg, finetune=fc)
             imgs = head(self.data(tgt, FINETUNE_SPLIT[tgt], masks=False), self.p.n_target_images)
             check = make_checker(cfg, imgs.images)
             every, last = self.p.label_free_every, cfg.finetune.epochs
@@ -335,7 +355,8 @@ class Study:
             d = choose(checks, check(src_params), fc)
             return {**d, "post_hoc": True}
 
-        return unit(self.work / f"checks-{m.name}-{ft.name}.json", do, self.compute)
+        # named by the safety net, not the method: methods sharing a run and a net share it
+        return unit(self.work / f"checks-{net_tag(fc)}-{ft.name}.json", do, self.compute)
 
 
 def row(src: str, tgt: str, method: str, selection: str, seed: int, ev: dict, **kw) -> dict:
