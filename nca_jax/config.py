@@ -29,9 +29,14 @@ def check_fields(section: Any, name: str) -> None:
             raise ConfigError(f"{name}.{f.name} must be finite, got {v}")
 
 
+MODEL_KINDS = ("med-nca", "unet")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Med-NCA architecture. Defaults are the paper's (26,432 parameters)."""
+    """Med-NCA architecture. Defaults are the paper's (26,432 parameters). kind "unet" selects
+    the UNet baseline instead (nca_jax/unet.py; unet_blocks / unet_channels: 5 / 64 is the
+    paper's 36,950,273-parameter UNet, 3 / 7 the small one), and the NCA fields are unused."""
 
     channels: int = 16  # state channels per cell; channel 0 = image, channel 1 = lung logits
     hidden: int = 128  # width of the per-cell update MLP
@@ -42,9 +47,16 @@ class ModelConfig:
     bn_eps: float = 1e-5  # batch-norm epsilon (PyTorch's default)
     unroll: bool = True  # fully unroll the training rollout (3x faster gradient on XLA CPU)
     fast_backward: bool = True  # hand-written MLP/batch-norm gradient (same values, faster)
+    kind: str = "med-nca"  # "med-nca" or "unet" (the deterministic baseline of Table 1)
+    unet_blocks: int = 5  # UNet: encoding blocks (pooling levels + 1)
+    unet_channels: int = 64  # UNet: channels of the first level, doubled per level
 
     def validate(self) -> None:
         check_fields(self, "model")
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"model.kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+        if self.unet_blocks < 2 or self.unet_channels < 1:
+            raise ConfigError("model.unet_blocks must be >= 2 and model.unet_channels >= 1")
         if not (math.isfinite(self.bn_eps) and self.bn_eps > 0):
             raise ConfigError(f"model.bn_eps must be positive, got {self.bn_eps}")
         if self.channels < 2:
@@ -229,6 +241,14 @@ class RunConfig:
         self.train.validate()
         if self.finetune is not None:
             self.finetune.validate()
+        if self.model.kind == "unet":
+            levels = 2 ** (self.model.unet_blocks - 1)
+            if self.train.image_size % levels:
+                raise ConfigError(
+                    f"train.image_size must be divisible by {levels} for a UNet with "
+                    f"{self.model.unet_blocks} encoding blocks"
+                )
+            return self
         if self.train.image_size % self.model.downscale:
             raise ConfigError("train.image_size must be divisible by model.downscale")
         if self.model.patch > self.train.image_size:

@@ -44,10 +44,12 @@ from nca_jax.render import (  # noqa: F401 (overlay_rgb, std_rgb re-exported)
 def write_case_pngs(
     folder: Path, name: str, image: np.ndarray, probs: np.ndarray, target: np.ndarray | None
 ) -> None:
-    """probs (S, H, W) -> NAME_pred.png (0/255), NAME_std.png (colour), NAME_overlay.png."""
+    """probs (S, H, W) -> NAME_pred.png (0/255), NAME_std.png (colour; only for S > 1),
+    NAME_overlay.png."""
     pred = probs.mean(0) > 0.5
     save_image(folder / f"{name}_pred.png", (pred * 255).astype(np.uint8))
-    save_image(folder / f"{name}_std.png", std_rgb(probs.std(0)))
+    if len(probs) > 1:
+        save_image(folder / f"{name}_std.png", std_rgb(probs.std(0)))
     tgt = None if target is None else target > 0.5
     save_image(folder / f"{name}_overlay.png", overlay_rgb(image, pred, tgt))
 
@@ -67,8 +69,12 @@ def evaluate(
     png_dir: Path | None = None,
     progress: bool | None = False,
 ) -> dict[str, Any]:
-    """Scores `params` on `data` (masks optional). Returns the summary dict (see module doc)."""
+    """Scores `params` on `data` (masks optional). Returns the summary dict (see module doc).
+    A deterministic model (a UNet) is predicted once, whatever `samples` says: its quality
+    score (the spread of samples) is absent (None), not 0, and it gets no std maps."""
     t0 = time.perf_counter()
+    deterministic = cfg.model.kind == "unet"
+    samples = 1 if deterministic else samples
     predict = make_predict(cfg.model, samples)
     probs = predict_dataset(
         predict, params, data.images, jax.random.key(seed), chunk=chunk, progress=progress
@@ -77,18 +83,29 @@ def evaluate(
     for i, name in enumerate(data.names):
         target = None if data.masks is None else data.masks[i] > 0.5
         row = {"name": name, **case_metrics(probs[:, i], target)}
+        if deterministic:
+            row["quality"] = None
         cases.append(row)
         if png_dir is not None:
             write_case_pngs(png_dir, name, data.images[i], probs[:, i], target)
-    out: dict[str, Any] = {"n": len(cases), "samples": samples, "seed": seed}
-    keys = ["quality", "fg_fraction"] + (
-        ["dice", "soft_dice", "hd95"] if data.masks is not None else []
+    out: dict[str, Any] = {
+        "n": len(cases),
+        "samples": samples,
+        "seed": seed,
+        "deterministic": deterministic,
+    }
+    keys = (
+        ([] if deterministic else ["quality"])
+        + ["fg_fraction"]
+        + (["dice", "soft_dice", "hd95"] if data.masks is not None else [])
     )
     for k in keys:
         s = summarize([c[k] for c in cases])
         out[f"{k}_mean"], out[f"{k}_std"] = s["mean"], s["std"]
         if k == "hd95":
             out["hd95_undefined"] = s["n_nan"]
+    if deterministic:
+        out["quality_mean"] = out["quality_std"] = None
     out["seconds"] = time.perf_counter() - t0
     out["cases"] = cases
     return out
@@ -247,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             f" Dice {summary['dice_mean']:.4f} +- {summary['dice_std']:.4f}"
             f"  soft Dice {summary['soft_dice_mean']:.4f}  HD95 {summary['hd95_mean']:.2f} px"
         )
-    print(f"{msg}  quality {summary['quality_mean']:.4f}  -> {out / 'summary.json'}")
+    q = summary["quality_mean"]
+    msg += "  quality (deterministic model)" if q is None else f"  quality {q:.4f}"
+    print(f"{msg}  -> {out / 'summary.json'}")
     return 0
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from nca_jax.config import ModelConfig
+from nca_jax.unet import init_unet, unet_logits
 
 Params = dict[str, Any]
 
@@ -155,7 +156,10 @@ def apply_rule(level_params: Params, state: jax.Array, cfg: ModelConfig) -> jax.
 
 
 def init_params(cfg: ModelConfig, *, key: jax.Array) -> Params:
-    """Fresh parameters {'level1': ..., 'level2': ...}, each level with its own weights."""
+    """Fresh parameters {'level1': ..., 'level2': ...}, each level with its own weights (a
+    UNet's own tree for kind "unet")."""
+    if cfg.kind == "unet":
+        return init_unet(cfg, key)
     rule = update_rule(cfg)
     dummy = jnp.zeros((1, 4, 4, cfg.channels), jnp.float32)
     k1, k2 = jax.random.split(key)
@@ -396,7 +400,11 @@ def predict_history(
 
 def predict_logits(params: Params, image: jax.Array, **kw: Any) -> jax.Array:
     """Inference: image (B, H, W[, 1]) -> lung logits (B, H, W) (channel 1 of the state).
-    Keyword arguments as predict_state (cfg=, and key= or randomness=)."""
+    Keyword arguments as predict_state (cfg=, and key= or randomness=); a UNet takes the
+    same arguments and ignores the randomness (it is deterministic)."""
+    if kw["cfg"].kind == "unet":
+        _check_rand(kw.get("key"), kw.get("randomness"))
+        return unet_logits(params, as_nhwc(image), kw["cfg"])
     return predict_state(params, image, **kw)[..., 1]
 
 
@@ -412,9 +420,12 @@ def train_logits(
 ) -> tuple[jax.Array, jax.Array]:
     """Training forward: level 2 runs on one random patch per sample.
 
-    image, mask: (B, H, W) -> (patch logits (B, p, p), patch mask (B, p, p)), p = cfg.patch."""
+    image, mask: (B, H, W) -> (patch logits (B, p, p), patch mask (B, p, p)), p = cfg.patch.
+    A UNet (kind "unet") trains on the whole image: (logits (B, H, W), mask)."""
     _check_rand(key, randomness)
     image = as_nhwc(image)
+    if cfg.kind == "unet":
+        return unet_logits(params, image, cfg), mask
     if randomness is None:
         yx = draw_patch_corners(key, cfg, image.shape[0], image.shape[1])
         r1 = {"key": jax.random.fold_in(key, LEVEL_KEY)}

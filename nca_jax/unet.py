@@ -9,7 +9,9 @@ stride-2 transposed convolutions that keep the channel count, skip features conc
 a 1x1 convolution head giving logits. ``small`` (3 encoding blocks, 7 first-layer channels) is
 the same family with 26,664 parameters, about Med-NCA's 26,432.
 
-Only the model lives here; training, evaluation and export use it through the config (to do).
+Selected by the config, ``"model": {"kind": "unet", "unet_blocks": 5, "unet_channels": 64}``;
+model.init_params / predict_logits / train_logits dispatch here. The UNet is deterministic: the
+random draws Med-NCA takes are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from nca_jax.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,3 +108,19 @@ def count_unet_params(cfg: UNetConfig, size: int = 256) -> int:
         lambda: UNet(cfg).init(jax.random.key(0), jnp.zeros((1, size, size, 1), jnp.float32))
     )
     return sum(int(jnp.prod(jnp.array(x.shape))) for x in jax.tree_util.tree_leaves(shapes))
+
+
+def unet_config(mc: ModelConfig) -> UNetConfig:
+    return UNetConfig(mc.unet_blocks, mc.unet_channels)
+
+
+def init_unet(mc: ModelConfig, key: jax.Array) -> dict:
+    """Fresh UNet parameters for the model config (the spatial size does not matter)."""
+    side = 2 ** (mc.unet_blocks - 1)
+    x = jnp.zeros((1, side, side, 1), jnp.float32)
+    return UNet(unet_config(mc)).init(key, x)["params"]
+
+
+def unet_logits(params: dict, image: jax.Array, mc: ModelConfig) -> jax.Array:
+    """image (B, H, W, 1) -> lung logits (B, H, W)."""
+    return UNet(unet_config(mc)).apply({"params": params}, image)
