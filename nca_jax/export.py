@@ -71,9 +71,13 @@ class ExportSpec:
         mc = cfg.model
         if self.batch < 1:
             raise ExportError(f"--batch must be >= 1, got {self.batch}")
-        if self.size < 1 or self.size % mc.downscale:
+        if mc.kind == "unet":  # any size its pooling levels divide
+            levels = 2 ** (mc.unet_blocks - 1)
+            if self.size < 1 or self.size % levels:
+                raise ExportError(f"--size must be a positive multiple of {levels} for this UNet")
+        elif self.size < 1 or self.size % mc.downscale:
             raise ExportError(f"--size must be a positive multiple of {mc.downscale}")
-        if self.size // mc.downscale != mc.patch:
+        elif self.size // mc.downscale != mc.patch:
             raise ExportError(
                 f"--size {self.size} does not fit the model: its training patch is {mc.patch} "
                 f"px, so the size must be {mc.patch * mc.downscale}"
@@ -352,9 +356,9 @@ def _module_class() -> type:
     return ExportModule
 
 
-def _build_module(fns: Functions) -> Any:
-    """The tf.Module with one tf.function per signature (each draws its op seeds when traced,
-    in the order convert() traces them)."""
+def _build_module(fns: Functions, keys: list[str]) -> Any:
+    """The tf.Module with one tf.function per signature in `keys` (each draws its op seeds when
+    traced, in the order convert() traces them); no function is made for the others."""
     import tensorflow as tf
 
     module = _module_class()(fns)
@@ -381,9 +385,11 @@ def _build_module(fns: Functions) -> Any:
 
     for sig in STOCHASTIC:
         drawn, fixed = drawn_and_fixed(sig)
-        setattr(module, sig.name, fn(drawn, data_specs(sig)))
-        rand = [draws.tensor_spec(kind, name) for name, kind in sig.random]
-        setattr(module, f"{sig.name}_fixed", fn(fixed, data_specs(sig) + rand))
+        if sig.name in keys:
+            setattr(module, sig.name, fn(drawn, data_specs(sig)))
+        if f"{sig.name}_fixed" in keys:
+            rand = [draws.tensor_spec(kind, name) for name, kind in sig.random]
+            setattr(module, f"{sig.name}_fixed", fn(fixed, data_specs(sig) + rand))
 
     infer_sig = STOCHASTIC[0]
 
@@ -398,7 +404,8 @@ def _build_module(fns: Functions) -> Any:
         std = tf.sqrt(tf.reduce_mean(tf.square(probs - mean), axis=0))
         return {"mean": mean, "std": std}
 
-    module.sample = fn(sample, data_specs(infer_sig))
+    if "sample" in keys:
+        module.sample = fn(sample, data_specs(infer_sig))
     module.get_weights = fn(module._get_weights, [])
     weight_specs = [
         tf.TensorSpec(x.shape, tf.float32, name=signature_name(n))
@@ -418,8 +425,8 @@ def convert(
 
     spec.validate(cfg)
     fns = Functions(cfg, spec, params)
-    keys = signature_keys(spec)
-    module = _build_module(fns)
+    keys = signature_keys(spec, cfg.model.kind)
+    module = _build_module(fns, keys)
     bar = tqdm(total=len(keys) + 2, desc="export", unit="stage", disable=bar_off(progress))
     sigs = {}
     for k in keys:  # tracing order fixes the device draws' op seeds
@@ -484,7 +491,7 @@ def export(
         "config": cfg.to_dict(),
         "spec": dataclasses.asdict(spec),
         "weights": flatten_names(params),
-        "signatures": signature_keys(spec),
+        "signatures": signature_keys(spec, cfg.model.kind),
         "ops": ops,
         "flex_ops": [o for o in ops if o.startswith("Flex") or o not in builtin_op_names()],
         "bytes": len(model),
@@ -501,11 +508,17 @@ def builtin_op_names() -> set[str]:
     return {k for k in vars(fb.BuiltinOperator) if not k.startswith("_")}
 
 
-def signature_keys(spec: ExportSpec) -> list[str]:
-    """The signatures a file of this spec holds (weights access and the optimizer state always)."""
+# a deterministic model (the UNet) has no samples to draw and no VWSL to run
+STOCHASTIC_ONLY = ("sample", "finetune", "finetune_fixed")
+
+
+def signature_keys(spec: ExportSpec, kind: str = "med-nca") -> list[str]:
+    """The signatures a file of this spec holds (weights access and the optimizer state always;
+    for a UNet neither `sample` nor `finetune`)."""
     keys = [k for k in SIGNATURES if k in spec.signatures or k in ("get_weights", "set_weights")]
     keys += list(EXTRA_SIGNATURES)
-    return keys + (list(FIXED_SIGNATURES) if spec.fixed_randomness else [])
+    keys += list(FIXED_SIGNATURES) if spec.fixed_randomness else []
+    return [k for k in keys if kind != "unet" or k not in STOCHASTIC_ONLY]
 
 
 def flatten_names(params: Params) -> list[str]:

@@ -5,9 +5,9 @@ out_classes=1)`` as the authors build it (MECLabTUDA/M3D-NCA, branch unsupervise
 src/utils/BaselineConfigs.py, EXP_UNet2D), every other argument at its default: 5 encoding
 blocks (4 pooling levels and a bottom block), 64 channels in the first layer doubling per level,
 two 3x3 convolutions with bias and ReLU per block, no normalisation, 2x2 max pooling, 2x2
-stride-2 transposed convolutions that keep the channel count, skip features concatenated first,
-a 1x1 convolution head giving logits. ``small`` (3 encoding blocks, 7 first-layer channels) is
-the same family with 26,664 parameters, about Med-NCA's 26,432.
+stride-2 transposed convolutions that keep the channel count (Upsample2x), skip features
+concatenated first, a 1x1 convolution head giving logits. ``small`` (3 encoding blocks, 7
+first-layer channels) is the same family with 26,664 parameters, about Med-NCA's 26,432.
 
 Selected by the config, ``"model": {"kind": "unet", "unet_blocks": 5, "unet_channels": 64}``;
 model.init_params / predict_logits / train_logits dispatch here. The UNet is deterministic: the
@@ -52,12 +52,14 @@ def _torch_like_bias(fan_in: int):
 _KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-class _DoubleConv(nn.Module):
+class DoubleConv(nn.Module):
+    """Two 3x3 convolutions with bias, each followed by ReLU."""
+
     features: int
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for _ in range(2):
+        for i in range(2):
             fan_in = 9 * x.shape[-1]
             x = nn.Conv(
                 self.features,
@@ -65,9 +67,37 @@ class _DoubleConv(nn.Module):
                 padding="SAME",
                 kernel_init=_KERNEL,
                 bias_init=_torch_like_bias(fan_in),
+                name=f"conv{i}",
             )(x)
             x = nn.relu(x)
         return x
+
+
+def max_pool2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling with stride 2, (B, H, W, C) -> (B, H/2, W/2, C), as a reshape and a max:
+    the same values as nn.max_pool, and a gradient TFLite can run (max_pool's gradient is a
+    select-and-scatter, which it cannot)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class Upsample2x(nn.Module):
+    """A 2x2, stride-2 transposed convolution with bias, (B, H, W, C) -> (B, 2H, 2W, features),
+    written as one matmul per pixel: out[2i + u, 2j + v] = x[i, j] @ kernel[u, v] + bias. Same
+    parameters and function as flax's ConvTranspose with the kernel flipped (tested), but its
+    gradient is a matmul, which TFLite runs (the transposed convolution's gradient does not
+    legalise to builtin ops)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        kernel = self.param("kernel", _KERNEL, (2, 2, c, self.features))
+        bias = self.param("bias", _torch_like_bias(4 * self.features), (self.features,))
+        b, h, w, _ = x.shape
+        y = jnp.einsum("bijc,uvco->biujvo", x, kernel)
+        return y.reshape(b, 2 * h, 2 * w, self.features) + bias
 
 
 class UNet(nn.Module):
@@ -82,23 +112,16 @@ class UNet(nn.Module):
         f = self.cfg.first_channels
         skips = []
         for level in range(depth):
-            x = _DoubleConv(f * 2**level)(x)
+            x = DoubleConv(f * 2**level, name=f"down{level}")(x)
             skips.append(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = _DoubleConv(f * 2**depth)(x)
+            x = max_pool2(x)
+        x = DoubleConv(f * 2**depth, name="bottom")(x)
         for level in reversed(range(depth)):
             c = x.shape[-1]
-            x = nn.ConvTranspose(
-                c,
-                (2, 2),
-                strides=(2, 2),
-                padding="VALID",
-                kernel_init=_KERNEL,
-                bias_init=_torch_like_bias(4 * c),
-            )(x)
+            x = Upsample2x(c, name=f"upsample{level}")(x)
             x = jnp.concatenate([skips[level], x], axis=-1)
-            x = _DoubleConv(f * 2**level)(x)
-        out = nn.Conv(1, (1, 1), kernel_init=_KERNEL, bias_init=_torch_like_bias(f))(x)
+            x = DoubleConv(f * 2**level, name=f"up{level}")(x)
+        out = nn.Conv(1, (1, 1), kernel_init=_KERNEL, bias_init=_torch_like_bias(f), name="head")(x)
         return out[..., 0]
 
 

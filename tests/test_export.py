@@ -320,3 +320,49 @@ def test_exported_finetune_step_is_the_vwsl_path(exported):
     new, info = make_finetune_step(cfg)(state, batch, step_key)
     assert float(loss) == pytest.approx(float(info["loss"]), rel=1e-5)
     _assert_same_step(fns, got, new.params, SPEC.finetune_lr)
+
+
+def test_unet_exports_with_builtin_ops_and_its_train_call_is_the_training_step(tmp_path):
+    """A UNet config goes through the same export: infer and train (no sample / finetune: it is
+    deterministic), builtin ops only, infer equal to JAX, and one on-device train call equal
+    to one make_train_step (no randomness to pass: the UNet draws none)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from nca_jax.config import ModelConfig, RunConfig, TrainConfig
+    from nca_jax.model import init_params
+    from nca_jax.training import TrainState
+
+    cfg = RunConfig(
+        model=ModelConfig(kind="unet", unet_blocks=2, unet_channels=4),
+        train=TrainConfig(batch_size=2, image_size=32, lr=1e-3),
+    ).validate()
+    params = init_params(cfg.model, key=jax.random.key(0))
+    spec = ex.ExportSpec(batch=2, size=32, train_lr=1e-3, fixed_randomness=True)
+    info = ex.export(cfg, params, spec, tmp_path / "unet.tflite")
+    assert info["flex_ops"] == []
+    assert set(info["signatures"]) == {
+        "infer",
+        "train",
+        "get_weights",
+        "set_weights",
+        "get_optimizer_state",
+        "infer_fixed",
+        "train_fixed",
+    }
+    it = Interpreter(model_path=str(tmp_path / "unet.tflite"))
+    d = make_phantom_dataset(2, seed=3, size=32)
+    img, msk = _nhwc(d.images), _nhwc(d.masks)
+    got = it.get_signature_runner("infer")(image=img)["probabilities"][..., 0]
+    want = jax.nn.sigmoid(predict_logits(params, d.images, cfg=cfg.model, key=jax.random.key(0)))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    loss = it.get_signature_runner("train")(image=img, mask=msk)["loss"]
+    fns = ex.Functions(cfg, spec, params)
+    state = TrainState(params, fns.train_opt.init(params), jnp.zeros((), jnp.int32))
+    new, step_info = make_train_step(cfg)(
+        state, {"images": d.images, "masks": d.masks}, jax.random.key(1)
+    )
+    assert float(loss) == pytest.approx(float(step_info["loss"]), rel=1e-5)
+    weights = it.get_signature_runner("get_weights")()
+    _assert_same_step(
+        fns, [weights[ex.signature_name(k)] for k in fns.names], new.params, spec.train_lr
+    )

@@ -85,3 +85,25 @@ def test_unet_trains_resumes_bit_identically_and_evaluates_deterministically(tmp
     assert s["samples"] == 1 and s["deterministic"] and s["quality_mean"] is None
     assert all(c["quality"] is None for c in s["cases"]) and 0.0 <= s["dice_mean"] <= 1.0
     assert not list(pngs.glob("*_std.png")) and list(pngs.glob("*_pred.png"))
+
+
+def test_upsample_is_flaxs_transposed_convolution_with_the_kernel_flipped():
+    import flax.linen as nn
+
+    from nca_jax.unet import Upsample2x
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+    up = Upsample2x(6)
+    p = up.init(jax.random.key(1), x)
+    ref = nn.ConvTranspose(6, (2, 2), strides=(2, 2), padding="VALID")
+    flipped = {"params": {"kernel": p["params"]["kernel"][::-1, ::-1], "bias": p["params"]["bias"]}}
+    np.testing.assert_allclose(up.apply(p, x), ref.apply(flipped, x), atol=1e-5)
+
+
+def test_max_pool2_is_flaxs_max_pool():
+    import flax.linen as nn
+
+    from nca_jax.unet import max_pool2
+
+    x = jax.random.normal(jax.random.key(2), (2, 8, 6, 3))
+    np.testing.assert_array_equal(max_pool2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
