@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nca_jax.unet import PAPER_UNET, SMALL_UNET, UNet, UNetConfig, count_unet_params
 
@@ -20,6 +21,7 @@ def test_small_unet_is_about_med_ncas_size():
     assert count_unet_params(UNetConfig(2, 16)) == 29_761  # one pooling level, 16 channels
 
 
+@pytest.mark.slow  # compiles the UNet twice
 def test_small_unet_maps_an_image_to_logits_of_its_size():
     model = UNet(SMALL_UNET)
     x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1))
@@ -58,6 +60,7 @@ def test_config_selects_the_unet_and_checks_its_fields():
         RunConfig(model=ModelConfig(kind="unet"), train=TrainConfig(image_size=40)).validate()
 
 
+@pytest.mark.slow  # three training runs and an evaluation
 def test_unet_trains_resumes_bit_identically_and_evaluates_deterministically(tmp_path):
     """train.py's path for a UNet config: the loss falls, a cut run resumed equals the
     uninterrupted one, and evaluation predicts once with no quality score and no std maps."""
