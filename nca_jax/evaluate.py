@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and any(out.iterdir()) and not a.overwrite:
         raise ckpt.RunError(f"{out}: exists and is not empty (use --overwrite)")
     cfg, params = ckpt.load_run(a.run, a.weights)
+    if a.animate and cfg.model.kind != "med-nca":
+        raise ckpt.RunError(f"{a.run}: --animate shows an NCA's steps; a {cfg.model.kind} has none")
     size = cfg.train.image_size
     if a.data is None:
         from nca_jax.phantoms import PHANTOM_TEST_SEED, make_phantom_dataset

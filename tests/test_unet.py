@@ -110,3 +110,21 @@ def test_max_pool2_is_flaxs_max_pool():
 
     x = jax.random.normal(jax.random.key(2), (2, 8, 6, 3))
     np.testing.assert_array_equal(max_pool2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+
+
+def test_evaluate_animate_refuses_a_unet_in_one_line(tmp_path, capsys):
+    from nca_jax import checkpoint as ckpt
+    from nca_jax import evaluate
+    from nca_jax.cli import call_main
+    from nca_jax.config import save_config
+    from nca_jax.model import init_params
+
+    cfg = _unet_cfg()
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(cfg, run / "config.json")
+    ckpt.save_weights(init_params(cfg.model, key=jax.random.key(0)), run / "weights.npz")
+    out = tmp_path / "eval"
+    code = call_main(evaluate.main, ["--run", str(run), "--out", str(out), "--animate"])
+    assert code == 2 and "a unet has none" in capsys.readouterr().err
+    assert not out.exists()
