@@ -173,10 +173,13 @@ def use_compile_cache(arg: str | None, work: Path) -> None:
         jax.config.update("jax_compilation_cache_dir", str(Path(arg or work / ".jax_cache")))
 
 
-def unit(path: Path, fn: Any) -> dict[str, Any]:
-    """Runs fn() unless path (its JSON result) exists; stores the result with its wall time."""
+def unit(path: Path, fn: Any, compute: bool = True) -> dict[str, Any] | None:
+    """Runs fn() unless path (its JSON result) exists; stores the result with its wall time.
+    compute=False only reads: None when the result is absent."""
     if path.exists():
         return json.loads(path.read_text())
+    if not compute:
+        return None
     t0 = time.perf_counter()
     res = fn()
     res["wall_s"] = time.perf_counter() - t0

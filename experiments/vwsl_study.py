@@ -27,13 +27,12 @@ import dataclasses
 import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from experiments.common import fields_of
+from experiments.common import FINETUNE_SPLIT, fields_of, head, unit
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import (
     ConfigError,
@@ -50,7 +49,6 @@ from nca_jax.guard import choose
 from nca_jax.model import Params
 from nca_jax.training import train_and_evaluate
 
-FINETUNE_SPLIT = {"shenzhen": "shenzhen_finetune", "montgomery": "montgomery_train"}
 PAPER_GAIN = "+0.7 to +2.8 Dice points across sites (paper, Table 1)"
 
 
@@ -81,6 +79,15 @@ class Method:
     reuse: str = ""
 
 
+# the safety net's settings (they name the post-hoc checks: net_tag)
+NET_FIELDS = (
+    "check_images",
+    "check_samples",
+    "area_min_ratio",
+    "area_max_ratio",
+    "min_quality_gain",
+    "rollback",
+)
 # fields that choose or keep weights but do not change a fine-tuning trajectory
 SELECTION_FIELDS = (
     "checkpoint_every",
@@ -88,12 +95,7 @@ SELECTION_FIELDS = (
     "eval_every",
     "eval_samples",
     "check_every",
-    "check_images",
-    "check_samples",
-    "area_min_ratio",
-    "area_max_ratio",
-    "min_quality_gain",
-    "rollback",
+    *NET_FIELDS,
     "snapshot_every",
     "source_run",
 )
@@ -157,30 +159,6 @@ def finetune_config(m: Method, seed: int, proto: Protocol, source_run: str) -> F
     return fc
 
 
-def unit(path: Path, fn: Any, compute: bool = True) -> dict[str, Any] | None:
-    """fn()'s JSON result cached at path with its wall time; None when absent and not computing."""
-    if path.exists():
-        return json.loads(path.read_text())
-    if not compute:
-        return None
-    t0 = time.perf_counter()
-    res = fn()
-    res["wall_s"] = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(path, res)
-    return res
-
-
-NET_FIELDS = (
-    "check_images",
-    "check_samples",
-    "area_min_ratio",
-    "area_max_ratio",
-    "min_quality_gain",
-    "rollback",
-)
-
-
 def net_tag(fc: FinetuneConfig) -> str:
     """'default' for the default safety net, else 'net' + a hash of its settings."""
     d = {k: getattr(fc, k) for k in NET_FIELDS}
@@ -195,12 +173,6 @@ def same_weights(a: Path, b: Path) -> bool:
         return sorted(x.files) == sorted(y.files) and all(
             np.array_equal(x[n], y[n]) for n in x.files
         )
-
-
-def head(d: Dataset, n: int) -> Dataset:
-    if n >= len(d):
-        return d
-    return Dataset(d.names[:n], d.images[:n], None if d.masks is None else d.masks[:n], d.source)
 
 
 class Study:
