@@ -366,3 +366,9 @@ def test_unet_exports_with_builtin_ops_and_its_train_call_is_the_training_step(t
     _assert_same_step(
         fns, [weights[ex.signature_name(k)] for k in fns.names], new.params, spec.train_lr
     )
+    from nca_jax.bench import bench_tflite  # the phone column of Table 1 times this file
+
+    r = bench_tflite(str(tmp_path / "unet.tflite"), reps=1)
+    timed = {k[len("tflite_") : -2] for k in r if k.startswith("tflite_") and k.endswith("_s")}
+    assert timed == {"infer", "train"}  # no sample / finetune to time
+    assert all(r[f"{p}_{s}_s"] > 0 for p in ("tflite", "jax") for s in timed)
