@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from nca_jax import checkpoint as ckpt
-from nca_jax.config import FinetuneConfig
+from nca_jax.config import FinetuneConfig, RunConfig, config_from_dict
 from nca_jax.data import Dataset, load_split
 from nca_jax.errors import ConfigError
 
@@ -87,6 +87,28 @@ def build(
         if not _matches(v, t):
             raise ConfigError(f"{where}: {name} must be of type {_type_name(t)}, got {v!r}")
     return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One training variant: the run config file `config` (default: the paper's) with the
+    sections `model` / `train` laid over it."""
+
+    about: str = ""  # one line for the table
+    config: str = ""  # a run config JSON ("": the defaults, i.e. the paper's)
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def variant_config(spec: Variant, where: str) -> RunConfig:
+    """The variant's config: the file `spec.config` (default: the paper's) with the
+    sections `model` / `train` of the spec laid over it."""
+    base: dict[str, Any] = {}
+    if spec.config:
+        base = json.loads(Path(spec.config).read_text())
+    base["model"] = {**base.get("model", {}), **spec.model}
+    base["train"] = {**base.get("train", {}), **spec.train}
+    return config_from_dict(base, where=where)
 
 
 def finetune_from_dict(data: Any, where: str) -> FinetuneConfig:

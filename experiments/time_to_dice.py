@@ -27,24 +27,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.common import build, load_json_protocol, use_compile_cache
+from experiments.common import Variant, build, load_json_protocol, use_compile_cache, variant_config
 from nca_jax import checkpoint as ckpt
-from nca_jax.config import RunConfig, atomic_write_text, config_from_dict
+from nca_jax.config import RunConfig, atomic_write_text
 from nca_jax.data import load_split
 from nca_jax.errors import ConfigError
 from nca_jax.render import save_figure
 from nca_jax.training import train_and_evaluate
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One training variant: the run config file `config` (default: the paper's) with the
-    sections `model` / `train` laid over it."""
-
-    about: str = ""  # one line for the table
-    config: str = ""  # a run config JSON ("": the defaults, i.e. the paper's)
-    model: dict[str, Any] = dataclasses.field(default_factory=dict)
-    train: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +61,6 @@ class TimeToDiceProtocol:
         return build(
             cls, {**raw, "comment": raw.get("_comment", "")}, where, {"variants": variants}
         )
-
-
-def variant_config(spec: Variant, where: str) -> RunConfig:
-    """The variant's config: the file `spec.config` (default: the paper's) with the
-    sections `model` / `train` of the spec laid over it."""
-    base: dict[str, Any] = {}
-    if spec.config:
-        base = json.loads(Path(spec.config).read_text())
-    base["model"] = {**base.get("model", {}), **spec.model}
-    base["train"] = {**base.get("train", {}), **spec.train}
-    return config_from_dict(base, where=where)
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import pytest
 from experiments.capture_experiment import CaptureProtocol
 from experiments.common import build, fields_of, load_json_protocol
 from experiments.cross_site import CrossSiteProtocol
+from experiments.table1 import Table1Protocol, budget_epochs, run_config
 from experiments.time_to_dice import TimeToDiceProtocol, variant_config
 from experiments.vwsl_study import Protocol as VwslProtocol
 from nca_jax.errors import ConfigError
@@ -308,6 +309,7 @@ PROTOCOLS = {
     CaptureProtocol: ("capture_cpu",),
     TimeToDiceProtocol: ("time_to_dice",),
     VwslProtocol: ("vwsl_cpu", "vwsl_gpu"),
+    Table1Protocol: ("table1_cpu",),
 }
 
 
@@ -428,3 +430,102 @@ def test_scripts_run_as_files_and_as_modules_without_sys_path_inserts(tmp_path):
         )
         assert r.returncode == 2, r.stderr[-2000:]
         assert r.stderr.strip() == f"error: {bad}: unknown field(s) ['target']"
+
+
+def test_table1_budget_becomes_whole_epochs_per_model():
+    """60 minutes at 2.5 s per step and 12 steps per epoch is 120 epochs; a model slower than
+    the budget still gets one epoch; the run config carries the epochs, the seed and as many
+    validations (each with a checkpoint) as the protocol asks."""
+    assert budget_epochs(2.5, 12, 60.0) == 120
+    assert budget_epochs(2.51, 12, 60.0) == 119
+    assert budget_epochs(1000.0, 12, 60.0) == 1
+    p = Table1Protocol.load(ROOT / "configs" / "table1_cpu.json")
+    calib = {"models": {"med-nca": {"step_s": 2.5}, "unet": {"step_s": 15.0}}}
+    cfg = run_config(p, "med-nca", 1, calib)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.seed) == (120, 4, 1)
+    assert cfg.train.eval_every == cfg.train.checkpoint_every == 120 // 25
+    unet = run_config(p, "unet", 0, calib)
+    assert (unet.model.kind, unet.train.loss, unet.train.lr) == ("unet", "dice_focal", 1e-4)
+    assert unet.train.epochs == 20 and unet.train.eval_every == 1
+    with pytest.raises(ConfigError, match="no step time for model 'unet-small'"):
+        run_config(p, "unet-small", 0, calib)
+
+
+@pytest.mark.slow
+def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(tmp_path):
+    data, splits = tmp_path / "data", tmp_path / "splits"
+    splits.mkdir()
+    for i, site in enumerate(("shenzhen", "montgomery")):
+        write_phantom_folder(data / site, n=6, seed=30 + i, size=32)
+        names = sorted(p.stem for p in (data / site / "images").iterdir())
+        for part, ns in {"train": names[:2], "val": names[2:3], "test": names[3:5]}.items():
+            (splits / f"{site}_{part}.txt").write_text("\n".join(ns) + "\n")
+    train = {"batch_size": 2, "image_size": 32}
+    proto = {
+        "models": {
+            "med-nca": {
+                "model": {"channels": 8, "hidden": 16, "steps": 2, "patch": 8},
+                "train": train,
+            },
+            "unet-small": {
+                "model": {"kind": "unet", "unet_blocks": 2, "unet_channels": 4},
+                "train": train,
+            },
+        },
+        "calibration": str(tmp_path / "calib.json"),
+        "budget_minutes": 1e-6,  # below one epoch: each model trains exactly 1
+        "seeds": [0],
+        "n_train": 2,
+        "eval_samples": 2,
+        "phone_size": 32,
+        "phone_reps": 1,
+        "vwsl": str(tmp_path / "vwsl.json"),
+    }
+    (tmp_path / "p.json").write_text(json.dumps(proto))
+    vwsl = {
+        "train_site": "shenzhen",
+        "test_site": "montgomery",
+        "method": "vwsl-default",
+        "selection": "label-free",
+        "seed": 0,
+        "dice_mean": 0.5,
+        "dice_std": 0.1,
+        "n": 2,
+    }
+    (tmp_path / "vwsl.json").write_text(json.dumps([vwsl, {**vwsl, "selection": "oracle"}]))
+    cmd = _command("table1.py", tmp_path, data, splits)
+    r = subprocess.run(
+        [*cmd, "--calibrate", str(tmp_path / "calib.json")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    calib = json.loads((tmp_path / "calib.json").read_text())
+    assert set(calib["models"]) == {"med-nca", "unet-small"}
+    assert {n: c["params"] for n, c in calib["models"].items()} == {
+        "med-nca": 3456,
+        "unet-small": 1921,
+    }
+    r = subprocess.run([*cmd, "--phone"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "results" / "table1.json").read_text())
+    mine = [x for x in rows if x["model"] != "med-nca+vwsl"]
+    assert {(x["model"], x["train_site"], x["test_site"]) for x in mine} == {
+        (m, s, t)
+        for m in ("med-nca", "unet-small")
+        for s in ("shenzhen", "montgomery")
+        for t in ("shenzhen", "montgomery")
+    }
+    assert all(x["epochs"] == 1 and x["n"] == 2 and x["tflite_train_s"] > 0 for x in mine)
+    assert {x["samples"] for x in mine if x["model"] == "unet-small"} == {1}  # deterministic
+    assert {x["samples"] for x in mine if x["model"] == "med-nca"} == {2}
+    # only vwsl-default with label-free selection is taken from the VWSL study
+    assert [(x["model"], x["dice_mean"]) for x in rows if x not in mine] == [("med-nca+vwsl", 0.5)]
+    md = (tmp_path / "results" / "table1.md").read_text()
+    assert "| shenzhen | unet-small |" in md and "| shenzhen | med-nca+vwsl |" in md
+    # resumable: a second invocation computes nothing and gives the same rows
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "results" / "table1.json").read_text()) == rows

@@ -1,0 +1,472 @@
+"""Table 1 of the paper on this project's data: Med-NCA beside the paper's UNet and a UNet of
+Med-NCA's size, each trained on one site with the same budget and tested on both sites, with
+the phone column measured (LiteRT file size and seconds per infer / train call).
+
+Budget: every model trains on the same training images of its site for the same training time
+on this CPU. The time is turned into epochs once, by timing each model's training step in one
+process (`--calibrate`, whose JSON is committed): epochs = floor(budget / (seconds per step x
+steps per epoch)). The runs are then deterministic and resumable, and a busy machine cannot
+shorten one model's training against another's. Validation passes (the weights kept are those
+of the best validation Dice) are not counted; `train_minutes` in the table is what the run
+measured (the sum of its epoch times).
+
+Usage:
+    python experiments/table1.py --protocol configs/table1_cpu.json --calibrate OUT.json
+    python experiments/table1.py --protocol configs/table1_cpu.json
+        [--models NAME ...] [--sites SITE ...] [--seeds S ...] [--work results/table1_units]
+    python experiments/table1.py --protocol configs/table1_cpu.json --phone
+    python experiments/table1.py --protocol configs/table1_cpu.json --publish-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments.common import (
+    SITES,
+    Variant,
+    build,
+    load_json_protocol,
+    load_site,
+    unit,
+    use_compile_cache,
+    variant_config,
+)
+from nca_jax import checkpoint as ckpt
+from nca_jax.cli import run_cli
+from nca_jax.config import RunConfig, atomic_write_text, with_overrides
+from nca_jax.errors import ConfigError
+
+# the rows that come from the VWSL study (results/vwsl.json), not from this script's runs
+VWSL_MODEL = "med-nca+vwsl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Table1Protocol:
+    """configs/table1_cpu.json. models: name -> run config (a Variant: config file + sections
+    laid over it; the epochs come from the budget). calibration: the `--calibrate` JSON."""
+
+    models: dict[str, Variant]
+    calibration: str
+    budget_minutes: float = 60.0
+    sites: tuple[str, ...] = SITES
+    seeds: tuple[int, ...] = (0, 1)
+    n_train: int = 50  # the first n of SITE_train
+    validations: int = 25  # validation passes per run (and as many checkpoints)
+    eval_samples: int = 10  # predictions per test image (a UNet's one is deterministic)
+    phone_size: int = 256  # the phone column: batch 1 at this size
+    phone_reps: int = 3
+    vwsl: str = "results/vwsl.json"  # the med-nca+vwsl rows (vwsl-default, label-free)
+    comment: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> Table1Protocol:
+        where = str(path)
+        raw = load_json_protocol(path)
+        if "comment" in raw:
+            raise ConfigError(f"{where}: unknown field(s) ['comment'] (a note is `_comment`)")
+
+        def models(d: Any, w: str) -> dict[str, Variant]:
+            if not isinstance(d, dict) or not d:
+                raise ConfigError(f"{w}: expected a JSON object of models")
+            return {n: build(Variant, v, f"{where} [models.{n}]") for n, v in d.items()}
+
+        p = build(cls, {**raw, "comment": raw.get("_comment", "")}, where, {"models": models})
+        bad = set(p.sites) - set(SITES)
+        if bad:
+            raise ConfigError(f"{where}: unknown site(s) {sorted(bad)} (known: {list(SITES)})")
+        if p.budget_minutes <= 0 or p.n_train < 1 or p.validations < 1:
+            raise ConfigError(f"{where}: budget_minutes, n_train and validations must be > 0")
+        for n, v in p.models.items():
+            variant_config(v, f"{where} [models.{n}]")  # every model's config is valid
+        return p
+
+
+def base_config(p: Table1Protocol, name: str) -> RunConfig:
+    return variant_config(p.models[name], f"models.{name}")
+
+
+def budget_epochs(step_s: float, per_epoch: int, minutes: float) -> int:
+    """Whole epochs of per_epoch steps of step_s seconds that fit in `minutes` (at least 1)."""
+    return max(1, math.floor(60.0 * minutes / (step_s * per_epoch)))
+
+
+def run_config(p: Table1Protocol, name: str, seed: int, calib: dict[str, Any]) -> RunConfig:
+    """The model's config for one run: its budget in epochs, the seed, `validations` passes
+    (each with a checkpoint)."""
+    cfg = base_config(p, name)
+    if name not in calib["models"]:
+        raise ConfigError(f"{p.calibration}: no step time for model {name!r} (run --calibrate)")
+    batch = min(cfg.train.batch_size, p.n_train)
+    epochs = budget_epochs(calib["models"][name]["step_s"], p.n_train // batch, p.budget_minutes)
+    every = max(1, epochs // p.validations)
+    cfg = with_overrides(cfg, epochs=epochs, batch_size=batch, seed=seed)
+    train = dataclasses.replace(cfg.train, eval_every=every, checkpoint_every=every)
+    return dataclasses.replace(cfg, train=train).validate()
+
+
+def calibrate(p: Table1Protocol, out: Path, reps: int = 3) -> dict[str, Any]:
+    """Seconds per training step of every model at its batch and the protocol's image size, all
+    in this process (only ratios within one process count on a shared machine)."""
+    import jax
+    import jax.numpy as jnp
+
+    from nca_jax.bench import matmul_gflops
+    from nca_jax.model import count_params
+    from nca_jax.training import init_state, make_train_step
+
+    res: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "jax": jax.__version__,
+        "matmul_gflops": matmul_gflops(),
+        "models": {},
+    }
+    for name in p.models:
+        cfg = base_config(p, name)
+        b, s = min(cfg.train.batch_size, p.n_train), cfg.train.image_size
+        cfg = with_overrides(cfg, batch_size=b)
+        state, step = init_state(cfg), make_train_step(cfg)
+        rng = np.random.default_rng(0)
+        batch = {
+            "images": jnp.asarray(rng.uniform(size=(b, s, s)).astype(np.float32)),
+            "masks": jnp.asarray((rng.uniform(size=(b, s, s)) > 0.5).astype(np.float32)),
+        }
+        key = jax.random.key(0)
+        times = []
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            state, info = step(state, batch, key)
+            jax.block_until_ready(info["loss"])
+            times.append(time.perf_counter() - t)
+        res["models"][name] = {
+            "batch": b,
+            "image_size": s,
+            "params": count_params(state.params),
+            "compile_s": times[0],
+            "step_s": statistics.median(times[1:]),
+        }
+        print(f"{name}: {res['models'][name]}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(out, res)
+    return res
+
+
+class Table:
+    """The runs, evaluations and phone timings of one protocol, each a resumable unit in work/."""
+
+    def __init__(self, a: argparse.Namespace, p: Table1Protocol, calib: dict[str, Any]):
+        self.a, self.p, self.calib = a, p, calib
+        self.work = Path(a.work)
+        self.compute = not a.publish_only
+        self._data: dict[tuple[str, str], Any] = {}
+
+    def data(self, site: str, part: str):
+        if (site, part) not in self._data:
+            limit = self.p.n_train if part == "train" else None
+            size = base_config(self.p, next(iter(self.p.models))).train.image_size
+            self._data[(site, part)] = load_site(
+                self.a.data, self.a.splits, site, f"{site}_{part}", size, limit=limit
+            )
+        return self._data[(site, part)]
+
+    def train(self, name: str, site: str, seed: int) -> dict[str, Any] | None:
+        from nca_jax.training import train_and_evaluate
+
+        tag = f"{site}-s{seed}-{name}"
+        run = self.work / tag
+        cfg = run_config(self.p, name, seed, self.calib)
+
+        def do() -> dict[str, Any]:
+            res = train_and_evaluate(
+                cfg,
+                self.data(site, "train"),
+                run,
+                val=self.data(site, "val"),
+                resume=(run / "checkpoints").exists(),
+                progress=False,
+            )
+            res["step_s_calibrated"] = self.calib["models"][name]["step_s"]
+            return res
+
+        return unit(self.work / f"{tag}.json", do, self.compute)
+
+    def evaluate(self, name: str, site: str, seed: int, test: str) -> dict[str, Any] | None:
+        from nca_jax.evaluate import evaluate
+
+        tag = f"{site}-s{seed}-{name}"
+
+        def do() -> dict[str, Any]:
+            cfg, params = ckpt.load_run(self.work / tag)
+            k = self.p.eval_samples
+            s = evaluate(cfg, params, self.data(test, "test"), samples=k, seed=0, chunk=10 // k)
+            s.pop("cases")
+            return s
+
+        return unit(self.work / "evals" / f"{tag}-on-{test}.json", do, self.compute)
+
+    def phone(self, name: str) -> dict[str, Any] | None:
+        """LiteRT on this CPU, batch 1 at phone_size: file size and seconds per infer / train
+        (and finetune, for Med-NCA) call, beside JAX doing the same work in the same process.
+        The file holds untrained weights: the timings do not depend on their values."""
+        import jax
+
+        from nca_jax.bench import bench_tflite
+        from nca_jax.export import ExportSpec, export
+        from nca_jax.model import init_params
+
+        def do() -> dict[str, Any]:
+            cfg = base_config(self.p, name)
+            spec = ExportSpec(
+                batch=1,
+                size=self.p.phone_size,
+                train_lr=cfg.train.lr,
+                signatures=("infer", "train", "finetune"),
+            )
+            path = self.work / "phone" / f"{name}.tflite"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
+            params = init_params(cfg.model, key=jax.random.key(0))
+            info = export(cfg, params, spec, path, source=f"untrained {name}")
+            res: dict[str, Any] = {"export_s": time.perf_counter() - t, "ops": info["ops"]}
+            res.update(bench_tflite(str(path), self.p.phone_reps))
+            return res
+
+        return unit(self.work / f"phone-{name}.json", do, self.compute)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def collect(t: Table) -> list[dict[str, Any]]:
+    """The table1.json rows: one per (model, train site, seed, test site) with all its units."""
+    p, rows = t.p, []
+    for name in p.models:
+        ph = t.phone(name)  # read only: collect runs with compute off
+        for site in p.sites:
+            for seed in p.seeds:
+                tr = t.train(name, site, seed)
+                if tr is None:
+                    continue
+                minutes = _train_minutes(t.work / f"{site}-s{seed}-{name}")
+                for test in p.sites:
+                    ev = t.evaluate(name, site, seed, test)
+                    if ev is None:
+                        continue
+                    rows.append(
+                        {
+                            "train_site": site,
+                            "test_site": test,
+                            "model": name,
+                            "params": t.calib["models"][name]["params"],
+                            "seed": seed,
+                            "dice_mean": ev["dice_mean"],
+                            "dice_std": ev["dice_std"],
+                            "hd95_mean": ev.get("hd95_mean"),
+                            "n": ev["n"],
+                            "samples": ev["samples"],
+                            "train_minutes": minutes,
+                            "epochs": tr["epochs_done"],
+                            "steps": tr["steps"],
+                            "best_val_dice": tr["best_val_dice"],
+                            "wall_s": tr["wall_s"],
+                            **_phone_fields(ph, "train"),
+                        }
+                    )
+    rows += vwsl_rows(t, rows)
+    return rows
+
+
+def _phone_fields(ph: dict[str, Any] | None, train_call: str) -> dict[str, Any]:
+    if ph is None:
+        return {"tflite_mb": None, "tflite_infer_s": None, "tflite_train_s": None}
+    return {
+        "tflite_mb": ph["tflite_bytes"] / 1e6,
+        "tflite_infer_s": ph["tflite_infer_s"],
+        "tflite_train_s": ph[f"tflite_{train_call}_s"],
+    }
+
+
+def _train_minutes(run: Path) -> float:
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return sum(r["epoch_s"] for r in rows) / 60.0
+
+
+def vwsl_rows(t: Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """med-nca+vwsl: the VWSL study's vwsl-default with label-free selection, cross-site only
+    (its source models are the study's, not this table's runs); the phone train column is the
+    on-device VWSL call (`finetune`)."""
+    path = Path(t.p.vwsl)
+    if not path.exists():
+        return []
+    ph = unit(t.work / "phone-med-nca.json", dict, compute=False)
+    out = []
+    for r in json.loads(path.read_text()):
+        if (r["method"], r["selection"]) != ("vwsl-default", "label-free"):
+            continue
+        if r["train_site"] not in t.p.sites or r["test_site"] not in t.p.sites:
+            continue
+        out.append(
+            {
+                "train_site": r["train_site"],
+                "test_site": r["test_site"],
+                "model": VWSL_MODEL,
+                "params": _paper_nca_params(),
+                "seed": r["seed"],
+                "dice_mean": r["dice_mean"],
+                "dice_std": r["dice_std"],
+                "hd95_mean": r.get("hd95_mean"),
+                "n": r["n"],
+                "samples": r.get("samples"),
+                "train_minutes": None,
+                "source": f"{path} (vwsl-default, label-free; the study's source models)",
+                **_phone_fields(ph, "finetune"),
+            }
+        )
+    return out
+
+
+def _paper_nca_params() -> int:
+    """Parameters of the paper's Med-NCA (the VWSL study's model)."""
+    import jax
+
+    from nca_jax.config import ModelConfig
+    from nca_jax.model import count_params, init_params
+
+    return count_params(init_params(ModelConfig(), key=jax.random.key(0)))
+
+
+def markdown(rows: list[dict[str, Any]], p: Table1Protocol, calib: dict[str, Any]) -> str:
+    """The paper's Table 1 layout: per training site, one line per model with the Dice on each
+    test site (mean over seeds of the per-seed mean, +- the mean per-image std; the per-seed
+    means in brackets), parameters and the phone column."""
+    sites = list(p.sites)
+    lines = [
+        "# Table 1 on this project's data",
+        "",
+        f"Every model trained on the first {p.n_train} training images of its site for "
+        f"{p.budget_minutes:g} minutes of training on this CPU (converted to epochs by one "
+        f"calibration run, `{p.calibration}`), weights of the best validation Dice; tested on "
+        f"each site's test images (`n` in table1.json; {p.eval_samples} predictions per image "
+        "for Med-NCA, one "
+        "for the deterministic UNets). Phone column: LiteRT on this CPU, batch 1, "
+        f"{p.phone_size} px (`train` = one optimizer step; for med-nca+vwsl the on-device VWSL "
+        "step).",
+        "",
+        "| train on | model | "
+        + " | ".join(f"Dice on {s}" for s in sites)
+        + " | params | seeds | trained (min, epochs) | .tflite MB | infer s | train s |",
+        "|---|---|" + "---|" * len(sites) + "---|---|---|---|---|---|",
+    ]
+    models = list(p.models) + [VWSL_MODEL]
+    for site in sites:
+        for m in models:
+            mine = [r for r in rows if r["train_site"] == site and r["model"] == m]
+            if not mine:
+                continue
+            cells = []
+            for test in sites:
+                rs = sorted((r for r in mine if r["test_site"] == test), key=lambda r: r["seed"])
+                if not rs:
+                    cells.append("-")
+                    continue
+                per = ", ".join(f"{r['dice_mean']:.3f}" for r in rs)
+                cells.append(
+                    f"{_mean([r['dice_mean'] for r in rs]):.3f} ± "
+                    f"{_mean([r['dice_std'] for r in rs]):.3f} ({per})"
+                )
+            seeds = sorted({r["seed"] for r in mine})
+            mins = [r["train_minutes"] for r in mine if r["train_minutes"] is not None]
+            trained = "-"
+            if mins:
+                eps = sorted({r["epochs"] for r in mine})
+                trained = f"{_mean(mins):.0f}, {'/'.join(map(str, eps))}"
+            r0 = mine[0]
+            fmts = (("tflite_mb", ".1f"), ("tflite_infer_s", ".2f"), ("tflite_train_s", ".2f"))
+            phone = ["-" if r0[k] is None else f"{r0[k]:{f}}" for k, f in fmts]
+            lines.append(
+                f"| {site} | {m} | {' | '.join(cells)} | {r0['params']:,} | "
+                f"{','.join(map(str, seeds))} | {trained} | {' | '.join(phone)} |"
+            )
+    lines += [
+        "",
+        "Calibration (seconds per training step, same process): "
+        + ", ".join(
+            f"{n} {c['step_s']:.2f} s at batch {c['batch']}" for n, c in calib["models"].items()
+        )
+        + f"; float32 matmul {calib['matmul_gflops']:.0f} GFLOP/s.",
+        "",
+        p.comment,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--protocol", required=True)
+    ap.add_argument("--calibrate", help="time every model's training step, write this JSON, stop")
+    ap.add_argument("--models", nargs="+", help="train / evaluate only these")
+    ap.add_argument("--sites", nargs="+", help="train only on these sites")
+    ap.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+    ap.add_argument("--phone", action="store_true", help="also export and time the phone files")
+    ap.add_argument("--work", default="results/table1_units")
+    ap.add_argument("--data", default="../shared/data/cxr")
+    ap.add_argument("--splits", default="results/splits")
+    ap.add_argument("--results", default="results")
+    ap.add_argument("--publish-only", action="store_true", help="tables from finished units only")
+    ap.add_argument("--compile-cache", help="JAX compile cache folder ('none' turns it off)")
+    a = ap.parse_args(argv)
+    p = Table1Protocol.load(a.protocol)
+    if a.calibrate:
+        calibrate(p, Path(a.calibrate))
+        return 0
+    if not Path(p.calibration).is_file():
+        raise ConfigError(f"{a.protocol}: calibration {p.calibration} is missing (--calibrate)")
+    calib = json.loads(Path(p.calibration).read_text())
+    unknown = set(a.models or []) - set(p.models)
+    if unknown:
+        raise ConfigError(f"{a.protocol}: no model(s) {sorted(unknown)}")
+    if not a.publish_only:
+        use_compile_cache(a.compile_cache, Path(a.work))
+    full = Table(a, p, calib)
+    if not a.publish_only:  # the selected units, in order: train, then test on every site
+        sub = dataclasses.replace(
+            p,
+            models={n: v for n, v in p.models.items() if not a.models or n in a.models},
+            sites=tuple(a.sites or p.sites),
+            seeds=tuple(a.seeds if a.seeds is not None else p.seeds),
+        )
+        t = Table(a, sub, calib)
+        for name in sub.models:
+            if a.phone:
+                t.phone(name)
+            for site in sub.sites:
+                for seed in sub.seeds:
+                    if t.train(name, site, seed) is not None:
+                        for test in p.sites:
+                            t.evaluate(name, site, seed, test)
+    full.compute = False
+    rows = collect(full)
+    res = Path(a.results)
+    res.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(res / "table1.json", rows)
+    atomic_write_text(res / "table1.md", markdown(rows, p, calib))
+    print((res / "table1.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
