@@ -14,7 +14,7 @@ Usage:
     python experiments/table1.py --protocol configs/table1_cpu.json --calibrate OUT.json
     python experiments/table1.py --protocol configs/table1_cpu.json
         [--models NAME ...] [--sites SITE ...] [--seeds S ...] [--work results/table1_units]
-    python experiments/table1.py --protocol configs/table1_cpu.json --phone
+    python experiments/table1.py --protocol configs/table1_cpu.json --phone   (nothing else running)
     python experiments/table1.py --protocol configs/table1_cpu.json --publish-only
 """
 
@@ -421,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", help="train / evaluate only these")
     ap.add_argument("--sites", nargs="+", help="train only on these sites")
     ap.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
-    ap.add_argument("--phone", action="store_true", help="also export and time the phone files")
+    ap.add_argument(
+        "--phone", action="store_true", help="only export and time the phone files (no training)"
+    )
     ap.add_argument("--work", default="results/table1_units")
     ap.add_argument("--data", default="../shared/data/cxr")
     ap.add_argument("--splits", default="results/splits")
@@ -451,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         t = Table(a, sub, calib)
         for name in sub.models:
-            if a.phone:
+            if a.phone:  # a separate step: time the phone files on a quiet machine
                 t.phone(name)
+                continue
             for site in sub.sites:
                 for seed in sub.seeds:
                     if t.train(name, site, seed) is not None:

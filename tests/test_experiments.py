@@ -510,6 +510,10 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
     }
     r = subprocess.run([*cmd, "--phone"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    early = json.loads((tmp_path / "results" / "table1.json").read_text())
+    assert [x["model"] for x in early] == ["med-nca+vwsl"]  # --phone trained nothing
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "results" / "table1.json").read_text())
     mine = [x for x in rows if x["model"] != "med-nca+vwsl"]
     assert {(x["model"], x["train_site"], x["test_site"]) for x in mine} == {
