@@ -207,8 +207,11 @@ def finetune(
     # recomputed on a resume (the same keys give the same values) rather than checkpointed, so
     # a checkpoint holds only the training state (~0.3 MB, small enough to commit), never
     # per-image arrays derived from the users' images; refreshed targets are checkpointed.
+    # TENT-style entropy reads no targets: its 10 predictions per image are drawn only for
+    # the before / after uncertainty maps (about 10 min for 50 images on 2 cores)
+    needs_targets = fc.method != "entropy" or uncertainty_after
     t = w = None
-    if fresh or fc.refresh_every == 0:
+    if needs_targets and (fresh or fc.refresh_every == 0):
         probs_before = sample(
             params, cfg, data.images, target_key, progress=progress, desc="VWSL targets"
         )
@@ -216,7 +219,10 @@ def finetune(
             np.asarray(x)
             for x in targets_from_probs(probs_before, fc.target_reduce, fc.weight_kind)
         )
-    if fresh:
+    if not needs_targets:  # placeholders: the entropy step ignores them
+        t = w = np.zeros(data.images.shape, np.float32)
+        out.mkdir(parents=True, exist_ok=True)
+    elif fresh:
         out.mkdir(parents=True, exist_ok=True)
         _write_std_pngs(out / "uncertainty", data.names, probs_before, "before")
         rows = {
@@ -238,7 +244,7 @@ def finetune(
         carried = {"targets": np.zeros(shape, np.float32), "weights": np.zeros(shape, np.float32)}
 
     def refresh(epoch: int, p: Params) -> dict[str, np.ndarray] | None:
-        if fc.refresh_every <= 0 or epoch == 0 or epoch % fc.refresh_every:
+        if fc.refresh_every <= 0 or epoch == 0 or epoch % fc.refresh_every or not needs_targets:
             return None
         probs = sample(p, cfg, data.images, jax.random.fold_in(target_key, epoch))
         t, w = targets_from_probs(probs, fc.target_reduce, fc.weight_kind)
@@ -267,7 +273,10 @@ def finetune(
             return {f"check_{k}": v for k, v in check(p).items()}
         return None
 
-    state = TrainState(params, make_optimizer(fc).init(params), jax.numpy.zeros((), "int32"))
+    # the steps donate the state: train a copy, so that the caller's params (and the rollback's
+    # source weights) stay alive when they are already JAX arrays
+    own = jax.tree_util.tree_map(jax.numpy.copy, params)
+    state = TrainState(own, make_optimizer(fc).init(own), jax.numpy.zeros((), "int32"))
     summary = fit(
         cfg,
         fc,

@@ -192,3 +192,39 @@ def test_balanced_gamma_equalises_the_two_gradient_norms(tiny_cfg, tmp_path):
     row = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])
     total = row["term_seg"] + used * (row["term_cons1"] + row["term_cons2"])
     assert row["loss"] == pytest.approx(total, rel=1e-5)
+
+
+def test_entropy_draws_no_targets_it_would_not_read_and_trains_the_same(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """TENT-style entropy ignores the VWSL targets: without the uncertainty maps it draws no
+    predictions before training, and its weights are exactly those of a run that drew them.
+    Both runs start from the same JAX arrays: fine-tuning must not consume the caller's."""
+    from nca_jax import finetuning
+    from nca_jax.checkpoint import load_weights
+    from nca_jax.phantoms import make_phantom_dataset
+
+    params = randomised_params(tiny_cfg.model)
+    data = make_phantom_dataset(4, seed=3, size=tiny_cfg.train.image_size)
+    fc = FinetuneConfig(
+        method="entropy", update="norm", epochs=2, batch_size=2, samples=2, check_every=0
+    )
+    real, calls = finetuning.sample, []
+
+    def counting(*a, **k):
+        calls.append(k.get("desc"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(finetuning, "sample", counting)
+    finetuning.finetune(
+        tiny_cfg, params, data, tmp_path / "lean", fc, progress=False, uncertainty_after=False
+    )
+    assert calls == []
+    finetuning.finetune(tiny_cfg, params, data, tmp_path / "full", fc, progress=False)
+    assert calls == ["VWSL targets", "uncertainty"]
+    lean = load_weights(tmp_path / "lean" / "weights_last.npz", tiny_cfg)
+    full = load_weights(tmp_path / "full" / "weights_last.npz", tiny_cfg)
+    for a, b in zip(jax.tree_util.tree_leaves(lean), jax.tree_util.tree_leaves(full), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the caller's JAX arrays survived both runs (the steps donate a copy, not them)
+    assert float(params["level1"]["dense_out"]["kernel"].sum()) != 0.0
