@@ -197,6 +197,7 @@ class Table:
                 progress=False,
             )
             res["step_s_calibrated"] = self.calib["models"][name]["step_s"]
+            res["device"] = _device()
             return res
 
         return unit(self.work / f"{tag}.json", do, self.compute)
@@ -245,6 +246,14 @@ class Table:
         return unit(self.work / f"phone-{name}.json", do, self.compute)
 
 
+def _device() -> str:
+    """What trained a run: 'cpu' or the accelerator's kind (its minutes are not CPU minutes)."""
+    import jax
+
+    d = jax.devices()[0]
+    return "cpu" if d.platform == "cpu" else str(d.device_kind)
+
+
 def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
@@ -281,6 +290,7 @@ def collect(t: Table) -> list[dict[str, Any]]:
                             "steps": tr["steps"],
                             "best_val_dice": tr["best_val_dice"],
                             "wall_s": tr["wall_s"],
+                            "device": tr.get("device", "cpu"),
                             **_phone_fields(ph, "train"),
                         }
                     )
@@ -392,7 +402,9 @@ def markdown(rows: list[dict[str, Any]], p: Table1Protocol, calib: dict[str, Any
             trained = "-"
             if mins:
                 eps = sorted({r["epochs"] for r in mine})
-                trained = f"{_mean(mins):.0f}, {'/'.join(map(str, eps))}"
+                devs = sorted({r["device"] for r in mine})
+                on = "" if devs == ["cpu"] else f" on {'/'.join(devs)}"
+                trained = f"{_mean(mins):.1f}{on}, {'/'.join(map(str, eps))}"
             r0 = mine[0]
             fmts = (("tflite_mb", ".1f"), ("tflite_infer_s", ".2f"), ("tflite_train_s", ".2f"))
             phone = ["-" if r0[k] is None else f"{r0[k]:{f}}" for k, f in fmts]

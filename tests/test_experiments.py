@@ -523,6 +523,7 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
         for t in ("shenzhen", "montgomery")
     }
     assert all(x["epochs"] == 1 and x["n"] == 2 and x["tflite_train_s"] > 0 for x in mine)
+    assert {x["device"] for x in mine} == {"cpu"}  # minutes on an accelerator are marked
     assert {x["samples"] for x in mine if x["model"] == "unet-small"} == {1}  # deterministic
     assert {x["samples"] for x in mine if x["model"] == "med-nca"} == {2}
     # only vwsl-default with label-free selection is taken from the VWSL study
