@@ -527,6 +527,58 @@ def partial_curve(
     }
 
 
+# issue 14's bar: vwsl-default with label-free selection, mean over 3 seeds per direction
+ACCEPT_GAIN, ACCEPT_WORST, ACCEPT_SEEDS = 1.5, -0.5, 3
+
+
+def acceptance(rows: list[dict], p: Protocol) -> list[str]:
+    """The acceptance check of issue 14 from the rows, per cross-site direction: the mean gain
+    of vwsl-default (label-free) over med-nca in Dice points over its seeds (>= +1.5 with 3
+    seeds) and its worst run (>= -0.5); and how many seeds of the authors' protocol exist."""
+    base = {
+        (r["train_site"], r["test_site"]): r["dice_mean"] for r in rows if r["method"] == "med-nca"
+    }
+    out = [
+        "## Acceptance (issue 14)",
+        "",
+        f"vwsl-default, label-free selection: mean gain over med-nca >= +{ACCEPT_GAIN} points "
+        f"over {ACCEPT_SEEDS} seeds in each direction, no run below {ACCEPT_WORST}; the "
+        f"authors' protocol reported with {ACCEPT_SEEDS} seeds in both directions.",
+        "",
+        "| direction | vwsl-default seeds | mean gain | worst run | bar met | vwsl-authors seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for src, tgt in p.directions:
+        b = base.get((src, tgt))
+
+        def pick(method: str, src: str = src, tgt: str = tgt) -> list[dict]:
+            return [
+                r
+                for r in rows
+                if (r["train_site"], r["test_site"], r["method"]) == (src, tgt, method)
+                and r["selection"] == ("label-free" if method == "vwsl-default" else "last")
+            ]
+
+        default, authors = pick("vwsl-default"), pick("vwsl-authors")
+        if b is None or not default:
+            out.append(f"| {src} -> {tgt} | 0 | | | not yet | {len(authors)} |")
+            continue
+        gains = [100 * (r["dice_mean"] - b) for r in default]
+        met = (
+            len(gains) >= ACCEPT_SEEDS
+            and np.mean(gains) >= ACCEPT_GAIN
+            and min(gains) >= ACCEPT_WORST
+        )
+        verdict = ("yes" if met else "no") if len(gains) >= ACCEPT_SEEDS else "not yet"
+        if verdict == "not yet" and min(gains) < ACCEPT_WORST:
+            verdict = "no (a run lost more than 0.5)"
+        out.append(
+            f"| {src} -> {tgt} | {len(gains)} | {np.mean(gains):+.2f} | {min(gains):+.2f} | "
+            f"{verdict} | {len(authors)} |"
+        )
+    return out + [""]
+
+
 def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
     out = ["# Fine-tuning on an unlabelled new site (issue 14)", ""]
     out.append(
@@ -564,9 +616,9 @@ def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
             f"| {s} | {t} | {m} | {sel}{extra} | {np.mean(v):.3f} ± {np.std(v):.3f} "
             f"({each}) | {delta} | {len(v)} |"
         )
+    out += [""] + acceptance(rows, p)
     if curves:
         out += [
-            "",
             f"Per run: target test Dice ({curves[0]['oracle_samples']} samples, labels "
             "used for reference only) and the label-free checks at each kept epoch "
             "(area = predicted lung share, quality = sample spread, lower is surer).",

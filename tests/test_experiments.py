@@ -292,6 +292,12 @@ def test_vwsl_study_runs_resumes_and_reports_every_method_and_selection(tmp_path
         assert r["dice_mean"] == last[(r["train_site"], r["method"], r["seed"])]
     md = (tmp_path / "results" / "vwsl.md").read_text()
     assert "| shenzhen | montgomery | vwsl-authors | last |" in md
+    # 2 seeds of vwsl-default: the acceptance bar (3 seeds) cannot be judged yet
+    assert "## Acceptance (issue 14)" in md
+    assert any(
+        ln.startswith("| shenzhen -> montgomery | 2 |") and ("not yet" in ln or "| no (" in ln)
+        for ln in md.splitlines()
+    )
     # resumable: a second invocation computes nothing new and gives the same rows
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
