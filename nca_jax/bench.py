@@ -31,6 +31,7 @@ import numpy as np
 
 from nca_jax.cli import run_cli
 from nca_jax.config import ModelConfig, RunConfig, TrainConfig, atomic_write_text
+from nca_jax.errors import ConfigError
 from nca_jax.model import init_params, predict_logits, sample_keys
 from nca_jax.predict import ALL, default_parallel, make_predict
 from nca_jax.training import init_state, make_train_step
@@ -128,16 +129,17 @@ def bench_predict(mc: ModelConfig, size: int, reps: int, samples: int = 10) -> d
     }
 
 
-def bench_tflite(path: str, reps: int) -> dict[str, float]:
+def bench_tflite(path: str, reps: int, threads: int | None = None) -> dict[str, float]:
     """Per-call seconds of the file's signatures (LiteRT) and of the jitted JAX functions that
     do the same work (the file's model, batch and size), in this process. Times the signatures
     the file holds among infer, sample, train and finetune (a UNet's file has no sample or
-    finetune)."""
+    finetune; a frozen file only infer and sample). threads: LiteRT's CPU threads (None: its
+    default)."""
     from nca_jax.config import FinetuneConfig
     from nca_jax.device_train import TFLiteModel
     from nca_jax.finetuning import make_finetune_step
 
-    model = TFLiteModel(path)
+    model = TFLiteModel(path, threads)
     b, s = model.batch, model.size
     mc = ModelConfig(**model.info["config"]["model"])
     rng = np.random.default_rng(0)
@@ -235,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", help="folder holding the authors' src/ (see ../shared/peer/README.md)")
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument("--tflite", help="a .tflite file from export_tflite.py: time its signatures")
+    p.add_argument("--tflite-threads", type=int, help="LiteRT CPU threads (default: its own)")
+    p.add_argument(
+        "--tflite-only", action="store_true", help="time only the --tflite file (and its JAX twin)"
+    )
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
     mc = ModelConfig(steps=a.steps, patch=a.size // 4)
@@ -251,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         "batches": a.batch,
         "flop_per_cell_step": flop_per_cell_step(mc),
     }
+    if a.tflite_only and not a.tflite:
+        raise ConfigError("--tflite-only needs --tflite FILE")
     res["matmul_gflops"] = matmul_gflops()
     print(f"float32 matmul: {res['matmul_gflops']:.1f} GFLOP/s", flush=True)
     per_batch = {}
-    for b in a.batch:
+    for b in [] if a.tflite_only else a.batch:
         r = bench_train(mc, a.size, b, a.reps)
         r["train_fraction_of_matmul"] = r["train_gflops"] / res["matmul_gflops"]
         if a.autodiff_baseline:
@@ -274,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     res["per_batch"] = per_batch
-    res.update(per_batch[str(a.batch[0])])
-    if not a.skip_predict:
+    res.update(per_batch.get(str(a.batch[0]), {}))
+    if not a.skip_predict and not a.tflite_only:
         r = bench_predict(mc, a.size, a.reps)
         res.update(r)
         print(
@@ -286,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if a.tflite:
-        r = bench_tflite(a.tflite, a.reps)
-        res["tflite"] = r
+        r = bench_tflite(a.tflite, a.reps, a.tflite_threads)
+        res["tflite"] = {"file": a.tflite, "threads": a.tflite_threads, **r}
         for sig in ("infer", "sample", "train", "finetune"):
             if f"tflite_{sig}_s" not in r:
                 continue
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     if a.peer:
-        for b in a.batch:
+        for b in [] if a.tflite_only else a.batch:
             peer = run_peer(a.peer, a.peer_python, b, a.size, a.steps)
             per_batch[str(b)]["peer_train_step_s"] = peer["train_step_s"]
             per_batch[str(b)]["speedup_train"] = (

@@ -39,7 +39,8 @@ PAPER_TRAIN_EPOCHS, PAPER_FINETUNE_EPOCHS, PAPER_IMAGES = 1500, 100, 50
 class TFLiteModel:
     """A .tflite file written by export_tflite.py, with its sidecar and signature runners."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, threads: int | None = None):
+        """threads: the interpreter's CPU threads (None: LiteRT's default)."""
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = Path(path)
@@ -54,16 +55,22 @@ class TFLiteModel:
         except (ValueError, KeyError) as e:
             raise DeviceError(f"{side}: not an export sidecar ({e})") from e
         try:
-            self.interpreter = Interpreter(model_path=str(self.path))
+            self.interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
         except Exception as e:  # noqa: BLE001 - any loader failure is a bad file
             raise DeviceError(f"{self.path}: not a loadable .tflite file ({e})") from e
         self.signatures = set(self.interpreter.get_signature_list())
+        self.frozen = bool(self.info["spec"].get("frozen", False))
         missing = {"get_weights", "set_weights"} - self.signatures
-        if missing:
+        if missing and not self.frozen:  # an inference-only file has no weights to read
             raise DeviceError(f"{self.path}: lacks the signatures {sorted(missing)}")
         self._runners: dict[str, Any] = {}
 
     def run(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if signature not in self.signatures and self.frozen:
+            raise DeviceError(
+                f"{self.path}: an inference-only (frozen) file has no {signature!r} signature "
+                "(export without --frozen to train on the device)"
+            )
         if signature not in self.signatures:
             raise DeviceError(
                 f"{self.path}: has no {signature!r} signature (export it with --signatures)"

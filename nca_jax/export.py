@@ -16,6 +16,9 @@ Signatures (B = batch, S = size, image tensors (B, S, S, 1) float32 in [0, 1]):
   get_optimizer_state() -> {name: tensor}          both Adam states and step counters
 With fixed_randomness the file also holds infer_fixed, train_fixed and finetune_fixed, which take
 the fire masks and patch corners as inputs (to compare with JAX exactly).
+A `frozen` file is for inference only: the weights are constants, the file holds infer and
+sample (and infer_fixed) and nothing that trains or reads weights. Runtimes delegate its
+convolutions and matmuls (XNNPACK needs constant weights), which the trainable file cannot.
 Weight names are the weights.npz names with '/' written as '__' (signature keys must be plain).
 """
 
@@ -50,6 +53,7 @@ from nca_jax.training import TrainState, make_optimizer, supervised_loss, update
 from nca_jax.vwsl import vwsl_loss
 
 SIGNATURES = ("infer", "sample", "train", "finetune", "get_weights", "set_weights")
+FROZEN_SIGNATURES = ("infer", "sample")  # what an inference-only file can hold
 EXTRA_SIGNATURES = ("get_optimizer_state",)
 
 
@@ -66,6 +70,7 @@ class ExportSpec:
     fixed_randomness: bool = False  # add the *_fixed signatures (tests)
     seed: int = 1  # device draws: a reproducible stream per loaded file; 0 = seeded at run time
     signatures: tuple[str, ...] = SIGNATURES  # a subset makes a smaller file (e.g. infer only)
+    frozen: bool = False  # weights as constants: inference only (infer, sample), delegable
 
     def validate(self, cfg: RunConfig) -> None:
         mc = cfg.model
@@ -91,6 +96,10 @@ class ExportSpec:
         unknown = set(self.signatures) - set(SIGNATURES)
         if unknown or not self.signatures:
             raise ExportError(f"signatures must be a non-empty subset of {SIGNATURES}")
+        if self.frozen and not set(self.signatures) & set(FROZEN_SIGNATURES):
+            raise ExportError(
+                f"a frozen (inference-only) file holds {FROZEN_SIGNATURES}: none of them asked"
+            )
 
 
 def signature_name(weight_name: str) -> str:
@@ -300,12 +309,17 @@ def _module_class() -> type:
         def __init__(self, fns: Functions) -> None:
             super().__init__()
             self.names = fns.names
-            self.w = [
-                tf.Variable(np.asarray(x), name=signature_name(n))
-                for n, x in zip(fns.names, fns.params0, strict=True)
-            ]
-            self.train_opt = [tf.Variable(np.asarray(x)) for x in fns.train_opt0]
-            self.ft_opt = [tf.Variable(np.asarray(x)) for x in fns.ft_opt0]
+            if fns.spec.frozen:  # constants: inference only, and delegable
+                self.w = [tf.constant(np.asarray(x)) for x in fns.params0]
+                fns_train_opt0, fns_ft_opt0 = [], []
+            else:
+                self.w = [
+                    tf.Variable(np.asarray(x), name=signature_name(n))
+                    for n, x in zip(fns.names, fns.params0, strict=True)
+                ]
+                fns_train_opt0, fns_ft_opt0 = fns.train_opt0, fns.ft_opt0
+            self.train_opt = [tf.Variable(np.asarray(x)) for x in fns_train_opt0]
+            self.ft_opt = [tf.Variable(np.asarray(x)) for x in fns_ft_opt0]
             self.train_step = tf.Variable(np.int32(0))
             self.ft_step = tf.Variable(np.int32(0))
             self._infer_tf = jax2tf.convert(fns.infer, with_gradient=False)
@@ -315,7 +329,7 @@ def _module_class() -> type:
 
         @staticmethod
         def _read(vs: list) -> list:
-            return [v.read_value() for v in vs]
+            return [v.read_value() if isinstance(v, tf.Variable) else v for v in vs]
 
         @staticmethod
         def _assign(vs: list, xs: list) -> list:
@@ -406,6 +420,8 @@ def _build_module(fns: Functions, keys: list[str]) -> Any:
 
     if "sample" in keys:
         module.sample = fn(sample, data_specs(infer_sig))
+    if fns.spec.frozen:  # no variables to read or write
+        return module
     module.get_weights = fn(module._get_weights, [])
     weight_specs = [
         tf.TensorSpec(x.shape, tf.float32, name=signature_name(n))
@@ -426,6 +442,8 @@ def convert(
     spec.validate(cfg)
     fns = Functions(cfg, spec, params)
     keys = signature_keys(spec, cfg.model.kind)
+    if not keys:
+        raise ExportError(f"a frozen {cfg.model.kind} file would hold none of {spec.signatures}")
     module = _build_module(fns, keys)
     bar = tqdm(total=len(keys) + 2, desc="export", unit="stage", disable=bar_off(progress))
     sigs = {}
@@ -514,7 +532,11 @@ STOCHASTIC_ONLY = ("sample", "finetune", "finetune_fixed")
 
 def signature_keys(spec: ExportSpec, kind: str = "med-nca") -> list[str]:
     """The signatures a file of this spec holds (weights access and the optimizer state always;
-    for a UNet neither `sample` nor `finetune`)."""
+    for a UNet neither `sample` nor `finetune`; a frozen file only infer and sample)."""
+    if spec.frozen:
+        keys = [k for k in FROZEN_SIGNATURES if k in spec.signatures]
+        keys += ["infer_fixed"] if spec.fixed_randomness and "infer" in keys else []
+        return [k for k in keys if kind != "unet" or k not in STOCHASTIC_ONLY]
     keys = [k for k in SIGNATURES if k in spec.signatures or k in ("get_weights", "set_weights")]
     keys += list(EXTRA_SIGNATURES)
     keys += list(FIXED_SIGNATURES) if spec.fixed_randomness else []

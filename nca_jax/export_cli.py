@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="signatures to export (default: all; get/set_weights always)",
     )
     p.add_argument(
+        "--frozen",
+        action="store_true",
+        help="inference only: the weights as constants, infer and sample only; runtimes "
+        "delegate it (XNNPACK), so it predicts faster than the trainable file",
+    )
+    p.add_argument(
         "--fixed-randomness",
         action="store_true",
         help="also export infer_fixed/train_fixed/finetune_fixed (masks as inputs; tests)",
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed_randomness=a.fixed_randomness,
         seed=a.seed,
         signatures=tuple(a.signatures),
+        frozen=a.frozen,
     )
     if a.run:
         cfg, params = ckpt.load_run(a.run, a.weights)

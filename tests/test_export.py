@@ -372,3 +372,37 @@ def test_unet_exports_with_builtin_ops_and_its_train_call_is_the_training_step(t
     timed = {k[len("tflite_") : -2] for k in r if k.startswith("tflite_") and k.endswith("_s")}
     assert timed == {"infer", "train"}  # no sample / finetune to time
     assert all(r[f"{p}_{s}_s"] > 0 for p in ("tflite", "jax") for s in timed)
+
+
+def test_frozen_file_predicts_as_the_trainable_one_and_holds_nothing_that_trains(
+    exported, tmp_path
+):
+    """--frozen: the same weights as constants (no variables at all), infer and sample only;
+    its infer_fixed equals the trainable file's on the same masks; asking it to train is a
+    one-line error naming the file; the bench times just its two signatures."""
+    from nca_jax.bench import bench_tflite
+    from nca_jax.device_train import TFLiteModel
+    from nca_jax.errors import DeviceError
+
+    spec = dataclasses.replace(SPEC, frozen=True)
+    path = tmp_path / "frozen.tflite"
+    info = ex.export(exported["cfg"], exported["params"], spec, path)
+    assert info["signatures"] == ["infer", "sample", "infer_fixed"]
+    assert info["flex_ops"] == []
+    assert not {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE"} & set(info["ops"])
+    fns, rng = exported["fns"], np.random.default_rng(4)
+    img = _nhwc(exported["data"].images[:2])
+    m1, m2 = _masks(fns, False, rng)
+    model = TFLiteModel(path, threads=2)
+    got = model.run("infer_fixed", image=img, masks1=m1, masks2=m2)["probabilities"]
+    want = exported["new"]().get_signature_runner("infer_fixed")(image=img, masks1=m1, masks2=m2)
+    np.testing.assert_allclose(got, want["probabilities"], atol=1e-5)
+    with pytest.raises(DeviceError, match=r"frozen.tflite: an inference-only \(frozen\) file"):
+        model.run("train", image=img, mask=img)
+    r = bench_tflite(str(path), reps=1, threads=1)
+    assert {k for k in r if k.startswith("tflite_") and k.endswith("_s")} == {
+        "tflite_infer_s",
+        "tflite_sample_s",
+    }
+    with pytest.raises(ex.ExportError, match="frozen"):
+        dataclasses.replace(SPEC, frozen=True, signatures=("train",)).validate(exported["cfg"])
