@@ -530,6 +530,10 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
     }
     assert all(x["epochs"] == 1 and x["n"] == 2 and x["tflite_train_s"] > 0 for x in mine)
     assert {x["device"] for x in mine} == {"cpu"}  # minutes on an accelerator are marked
+    for x in mine:  # the budget used, in calibrated CPU minutes, and the measured minutes
+        step_s = calib["models"][x["model"]]["step_s"]
+        assert x["train_minutes"] == pytest.approx(x["steps"] * step_s / 60)
+        assert x["measured_train_minutes"] > 0
     assert {x["samples"] for x in mine if x["model"] == "unet-small"} == {1}  # deterministic
     assert {x["samples"] for x in mine if x["model"] == "med-nca"} == {2}
     # only vwsl-default with label-free selection is taken from the VWSL study
