@@ -63,6 +63,11 @@ class CaptureProtocol:
     uncertainty_samples: int = 10  # predictions per image for the quality score
     capture_seed: int = 0  # seed of the simulated captures
     seeds: tuple[int, ...] = (0,)  # VWSL seeds (--seeds overrides)
+    source_weights: str = ""  # a weights file in source_run ("": its weights.npz)
+    # the rows' method name; "vwsl-default" requires the finetune section to be finetune.py's
+    # defaults (then the runs' weights.npz is the safety net's label-free choice)
+    method: str = "vwsl"
+    results_name: str = "capture"  # results/NAME.json, NAME_uncertainty.json, NAME.md
 
     @classmethod
     def load(cls, path: str | Path) -> CaptureProtocol:
@@ -77,6 +82,11 @@ class CaptureProtocol:
             raise ConfigError(f"{where}: unknown preset(s) {unknown}; one of {sorted(PRESETS)}")
         if not proto.n_finetune or not proto.seeds:
             raise ConfigError(f"{where}: n_finetune and seeds must not be empty")
+        if proto.method == "vwsl-default" and proto.finetune != FinetuneConfig():
+            raise ConfigError(
+                f"{where}: method vwsl-default needs finetune.py's defaults (an empty finetune "
+                "section)"
+            )
         return proto
 
 
@@ -115,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     src, tgt = proto.train_site, proto.test_site
     source_run = Path(proto.source_run)
     fbase: FinetuneConfig = proto.finetune
-    cfg, params = ckpt.load_run(source_run)
+    source_weights = source_run / proto.source_weights if proto.source_weights else None
+    cfg, params = ckpt.load_run(source_run, source_weights)
     size = cfg.train.image_size
     work, res_dir = Path(a.work), Path(a.results)
     samples = proto.eval_samples
@@ -135,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def publish() -> None:
         res_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_json(res_dir / "capture.json", rows)
-        ckpt.write_json(res_dir / "capture_uncertainty.json", unc)
+        name = proto.results_name
+        ckpt.write_json(res_dir / f"{name}.json", rows)
+        ckpt.write_json(res_dir / f"{name}_uncertainty.json", unc)
         md = tables_markdown(rows, unc, proto, time.perf_counter() - t_all) + unit_times(work)
-        atomic_write_text(res_dir / "capture.md", md)
+        atomic_write_text(res_dir / f"{name}.md", md)
 
     data_root = Path(a.data)
     for preset in ["none", *proto.presets]:
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             work / f"eval-{preset}-before-s{seeds[0]}.json",
             lambda test=test: scored(cfg, params, test, samples),
         )
-        rows.append(_row(proto, preset, "med-nca", 0, seeds[0], ev))
+        rows.append(_row(proto, preset, "med-nca", 0, seeds[0], ev, steps=0))
         u = unit(
             work / f"unc-{preset}-before-s{seeds[0]}.json",
             lambda test=test: scored(cfg, params, head(test, unc_n), unc_samples),
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                         uncertainty_after=False,
                     )
 
-                unit(work / f"vwsl-{preset}-n{n_ft}-s{seed}.json", do_ft)
+                ft_res = unit(work / f"vwsl-{preset}-n{n_ft}-s{seed}.json", do_ft)
 
                 def after(n_samples: int, data, ft=ft) -> dict[str, Any]:
                     c2, p2 = ckpt.load_run(ft)
@@ -207,7 +219,19 @@ def main(argv: list[str] | None = None) -> int:
                     work / f"eval-{preset}-vwsl-n{n_ft}-s{seed}.json",
                     lambda test=test, after=after: after(samples, test),
                 )
-                rows.append(_row(proto, preset, "vwsl", n_ft, seed, ev))
+                rows.append(
+                    _row(
+                        proto,
+                        preset,
+                        proto.method,
+                        n_ft,
+                        seed,
+                        ev,
+                        steps=ft_res["steps"],
+                        verdict=ft_res.get("verdict"),
+                        selected_epoch=ft_res.get("selected_epoch"),
+                    )
+                )
                 unc_path = work / f"unc-{preset}-vwsl-n{n_ft}-s{seed}.json"
                 if (
                     n_ft == max(proto.n_finetune)
@@ -218,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                         unc_path,
                         lambda test=test, after=after: after(unc_samples, head(test, unc_n)),
                     )
-                    unc.append(_unc_row(preset, "vwsl", n_ft, seed, u))
+                    unc.append(_unc_row(preset, proto.method, n_ft, seed, u))
                 if seed == seeds[0] and n_ft == max(proto.n_finetune):
-                    dst = res_dir / "runs" / f"capture-vwsl-{src}-to-{tgt}-{preset}-n{n_ft}"
+                    prefix = "capture" if proto.results_name == "capture" else proto.results_name
+                    dst = res_dir / "runs" / f"{prefix}-vwsl-{src}-to-{tgt}-{preset}-n{n_ft}"
                     dst.mkdir(parents=True, exist_ok=True)
                     for f in ("config.json", "weights.npz", "run.json", "metrics.jsonl"):
                         if (ft / f).exists():  # no PNGs: they show the patients' anatomy
@@ -236,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = work / f"captured-{tgt}-{preset}-s{cap_seed}"
             test = load_site(folder.parent, a.splits, folder.name, f"{tgt}_test", size)
             after_run = work / f"vwsl-{preset}-n{n_max}-s{seeds[0]}"
-            write_figure(source_run, after_run, test, png)
+            write_figure(source_run, after_run, test, png, before_weights=source_weights)
     print((res_dir / "capture.md").read_text())
     return 0
 
@@ -250,25 +275,39 @@ def unit_times(work: Path) -> str:
             return None
         return f"seed {m.group(1)}, {'VWSL' if 'vwsl' in name else 'source model'}"
 
-    return sum_unit_times(work, group_of, "2 cores, shared with another experiment")
+    return sum_unit_times(work, group_of, "2 cores; other jobs may have shared them")
 
 
 def _row(
-    proto: CaptureProtocol, preset: str, method: str, n_ft: int, seed: int, ev: dict[str, Any]
+    proto: CaptureProtocol,
+    preset: str,
+    method: str,
+    n_ft: int,
+    seed: int,
+    ev: dict[str, Any],
+    **extra: Any,
 ) -> dict[str, Any]:
+    """One result row, in issue 14's results contract too: test_site names the capture
+    (SITE-PRESET), selection says which weights were scored (the safety net's label-free choice
+    for a run with checks, else the last epoch's)."""
+    checked = method != "med-nca" and proto.finetune.check_every > 0
     return {
         "train_site": proto.train_site,
-        "test_site": proto.test_site,
+        "test_site": proto.test_site if preset == "none" else f"{proto.test_site}-{preset}",
         "preset": preset,
         "method": method,
+        "selection": "label-free" if checked else "last",
         "n_finetune_images": n_ft,
+        "n_target_images": n_ft,
         "seed": seed,
         "capture_seed": proto.capture_seed,
         "dice_mean": ev["dice_mean"],
         "dice_std": ev["dice_std"],
         "hd95_mean": ev["hd95_mean"],
         "n": ev["n"],
+        "samples": ev["samples"],
         "wall_s": ev["wall_s"],
+        **extra,
     }
 
 
@@ -304,7 +343,7 @@ def tables_markdown(
         return f"{m:.3f} ± {np.std([r['dice_mean'] for r in d]):.3f} (seeds={len(d)})"
 
     presets = ["none", *proto.presets]
-    cols = [("med-nca", 0)] + [("vwsl", n) for n in proto.n_finetune]
+    cols = [("med-nca", 0)] + [(proto.method, n) for n in proto.n_finetune]
     head = "| captured as | Med-NCA | " + " | ".join(
         f"+ VWSL ({n} images)" for n in proto.n_finetune
     )

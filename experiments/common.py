@@ -226,18 +226,25 @@ def sum_unit_times(work: Path, group_of: Any, note: str) -> str:
     )
 
 
-def write_figure(before: Path, after: Path, data: Dataset, png: Path, n: int = 4) -> None:
+def write_figure(
+    before: Path,
+    after: Path,
+    data: Dataset,
+    png: Path,
+    n: int = 4,
+    before_weights: Path | None = None,
+) -> None:
     """Fig. 3/4 of the paper on our data: for n target-site test images, the image, the std map
-    of the source-trained model (10 samples), and overlays before and after VWSL (prediction red,
-    ground truth green)."""
+    of the source-trained model (10 samples; its run's weights.npz or before_weights), and
+    overlays before and after VWSL (prediction red, ground truth green)."""
     import jax
 
     from nca_jax.predict import sample
     from nca_jax.render import overlay_rgb, save_image, std_rgb
 
     rows = []
-    for run in (before, after):
-        c, prm = ckpt.load_run(run)
+    for run, weights in ((before, before_weights), (after, None)):
+        c, prm = ckpt.load_run(run, weights)
         probs = sample(prm, c.model, data.images[:n], jax.random.key(0), 10)
         rows.append(probs)
     tiles = []

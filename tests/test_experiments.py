@@ -130,6 +130,13 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
         ("severe", "vwsl", 1),
     }
     assert all(r["n"] == 3 for r in rows)
+    # issue 14's results contract: the capture is the test site; runs with the safety net's
+    # checks (the default check_every) report its label-free choice and verdict
+    assert {r["test_site"] for r in rows if r["preset"] == "severe"} == {"montgomery-severe"}
+    assert {r["selection"] for r in rows if r["method"] == "med-nca"} == {"last"}
+    vw = [r for r in rows if r["method"] == "vwsl"]
+    assert {r["selection"] for r in vw} == {"label-free"}
+    assert all(r["verdict"] in ("adapted", "rolled back") and r["steps"] > 0 for r in vw)
     captured = tmp_path / "work" / "captured-montgomery-severe-s0"
     assert len(list((captured / "masks").iterdir())) == 6  # masks captured, never committed
     assert not (
@@ -142,6 +149,10 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
     r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r2.returncode == 0
     assert json.loads((tmp_path / "results" / "capture.json").read_text()) == rows
+    # vwsl-default names finetune.py's defaults: any other finetune section is refused
+    (tmp_path / "p.json").write_text(json.dumps({**proto, "method": "vwsl-default"}))
+    r3 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r3.returncode == 2 and "vwsl-default needs finetune.py's defaults" in r3.stderr
 
 
 @pytest.mark.slow
@@ -291,7 +302,7 @@ def test_vwsl_study_runs_resumes_and_reports_every_method_and_selection(tmp_path
     for r in at_end:
         assert r["dice_mean"] == last[(r["train_site"], r["method"], r["seed"])]
     md = (tmp_path / "results" / "vwsl.md").read_text()
-    assert "| shenzhen | montgomery | vwsl-authors | last |" in md
+    assert "| shenzhen | montgomery | vwsl-authors | 2 | last |" in md
     # 2 seeds of vwsl-default: the acceptance bar (3 seeds) cannot be judged yet
     assert "## Acceptance (issue 14)" in md
     assert any(
@@ -312,7 +323,7 @@ def test_vwsl_study_runs_resumes_and_reports_every_method_and_selection(tmp_path
 # the committed protocols each script reads
 PROTOCOLS = {
     CrossSiteProtocol: ("cross_site_cpu", "cross_site_cpu15", "cross_site_gpu"),
-    CaptureProtocol: ("capture_cpu",),
+    CaptureProtocol: ("capture_cpu", "capture_strong_cpu"),
     TimeToDiceProtocol: ("time_to_dice",),
     VwslProtocol: ("vwsl_cpu", "vwsl_gpu"),
     Table1Protocol: ("table1_cpu",),
@@ -544,3 +555,50 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "results" / "table1.json").read_text()) == rows
+
+
+def test_vwsl_study_takes_contract_rows_of_captures_and_judges_the_bars(tmp_path):
+    """Capture rows with a selection (issue 14's contract) join vwsl.json, legacy rows do not;
+    the acceptance table judges 3 seeds per direction (+1.5 mean, no run below -0.5) and the
+    moderate captures (+5 mean)."""
+    from experiments.vwsl_study import Protocol, acceptance, capture_rows
+
+    def r(tgt, method, sel, seed, dice, n=50):
+        return {
+            "train_site": "shenzhen",
+            "test_site": tgt,
+            "method": method,
+            "selection": sel,
+            "seed": seed,
+            "dice_mean": dice,
+            "n_target_images": n,
+        }
+
+    cap = [
+        r("montgomery-moderate", "med-nca", "last", 0, 0.60, 0),
+        r("montgomery-moderate", "vwsl-default", "label-free", 0, 0.66, 5),
+        r("montgomery-moderate", "vwsl-default", "label-free", 1, 0.64, 5),
+    ]
+    legacy = {k: v for k, v in cap[0].items() if k != "selection"}
+    (tmp_path / "cap.json").write_text(json.dumps([*cap, legacy]))
+    p = Protocol(
+        sources={},
+        methods=(),
+        directions=(("shenzhen", "montgomery"),),
+        captures=(str(tmp_path / "cap.json"), str(tmp_path / "absent.json")),
+    )
+    assert capture_rows(p) == cap
+    rows = [
+        r("montgomery", "med-nca", "last", 0, 0.800, 0),
+        r("montgomery", "vwsl-default", "label-free", 0, 0.820),
+        r("montgomery", "vwsl-default", "label-free", 1, 0.818),
+        r("montgomery", "vwsl-default", "label-free", 2, 0.812),
+        *cap,
+    ]
+    table = "\n".join(acceptance(rows, p))
+    assert "| shenzhen -> montgomery | 3 | +1.67 | +1.20 | yes | 0 |" in table
+    assert (
+        "| shenzhen -> montgomery-moderate (5 images; bar +5) | 2 | +5.00 | +4.00 | yes |" in table
+    )
+    rows[3]["dice_mean"] = 0.794  # one run loses 0.6 points: the bar is missed
+    assert "| 3 | +1.07 | -0.60 | no |" in "\n".join(acceptance(rows, p))
