@@ -65,16 +65,20 @@ class TFLiteModel:
             raise DeviceError(f"{self.path}: lacks the signatures {sorted(missing)}")
         self._runners: dict[str, Any] = {}
 
-    def run(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def require(self, signature: str) -> None:
+        """A one-line DeviceError unless the file holds `signature`."""
         if signature not in self.signatures and self.frozen:
             raise DeviceError(
                 f"{self.path}: an inference-only (frozen) file has no {signature!r} signature "
-                "(export without --frozen to train on the device)"
+                "(export without --frozen to train or to load weights on the device)"
             )
         if signature not in self.signatures:
             raise DeviceError(
                 f"{self.path}: has no {signature!r} signature (export it with --signatures)"
             )
+
+    def run(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        self.require(signature)
         if signature not in self._runners:
             self._runners[signature] = self.interpreter.get_signature_runner(signature)
         return self._runners[signature](**inputs)
@@ -194,14 +198,16 @@ def _epochs(
 
 
 def _open(
-    a: argparse.Namespace, masks: bool, marker: str = "run.json"
+    a: argparse.Namespace, masks: bool, needs: str, marker: str = "run.json"
 ) -> tuple[TFLiteModel, Dataset, Path]:
-    """The model file (with --weights loaded), the data at its size, the output folder (checked
-    first: not an input, and only a folder holding `marker` that this module wrote is reused)."""
+    """The model file (with --weights loaded; it must hold the signature `needs`), the data at
+    its size, the output folder (checked first: not an input, and only a folder holding
+    `marker` that this module wrote is reused; created last, when nothing else failed)."""
     check_output_folder(
         a.out, (a.model, a.data, a.split, a.weights), marker=marker, what="output folder"
     )
-    model = TFLiteModel(a.model)
+    model = TFLiteModel(a.model, a.threads)
+    model.require(needs)
     if a.weights:
         model.set_weights(read_weights(a.weights), a.weights)
     data = load_data(a, model.size, masks=masks)
@@ -238,7 +244,7 @@ def _finish(
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    model, data, out = _open(a, masks=True)
+    model, data, out = _open(a, masks=True, needs="train")
     t0 = time.perf_counter()
     inputs = {"image": nhwc(data.images), "mask": nhwc(data.masks)}
     times, step_s = _epochs(model, "train", inputs, a.epochs, a.seed, out, a.log_every)
@@ -256,7 +262,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    model, data, out = _open(a, masks=False)  # masks are never read
+    model, data, out = _open(a, masks=False, needs="finetune")  # masks are never read
     t0 = time.perf_counter()
     images = nhwc(data.images)
     targets, weights, sample_times = [], [], []
@@ -291,7 +297,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    model, data, out = _open(a, masks=False, marker="predict.json")
+    model, data, out = _open(a, masks=False, needs="sample", marker="predict.json")
     images = nhwc(data.images)
     n = len(data)
     pad = (-n) % model.batch  # fill the last batch with copies; their outputs are dropped
@@ -332,6 +338,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         s.add_argument("--split", help="text file of case names to use (default: all)")
         s.add_argument("--out", required=True)
         s.add_argument("--weights", help="weights .npz to load first (set_weights)")
+        s.add_argument(
+            "--threads", type=int, help="LiteRT CPU threads (default: the runtime's choice)"
+        )
         if name != "predict":
             s.add_argument("--epochs", type=int, default=1)
             s.add_argument("--seed", type=int, default=0, help="shuffling seed")
@@ -339,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if getattr(a, "epochs", 1) < 1:
         p.error("--epochs must be >= 1")
+    if a.threads is not None and a.threads < 1:
+        p.error("--threads must be >= 1")
     return a
 
 

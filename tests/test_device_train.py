@@ -43,7 +43,8 @@ def test_stand_in_trains_finetunes_predicts_and_weights_return_to_jax(exported, 
     assert json.loads((ft / "run.json").read_text())["steps"] == 2
     ckpt.load_run(ft)
     pred = tmp_path / "pred"
-    assert _stand_in("predict", "--model", model, "--data", data, "--out", pred) == 0
+    args = ("predict", "--model", model, "--data", data, "--out", pred, "--threads", 2)
+    assert _stand_in(*args) == 0
     assert len(list((pred / "pred").glob("*.png"))) == 4
     assert len(list((pred / "std").glob("*.png"))) == 4
 
@@ -66,3 +67,25 @@ def test_stand_in_bad_inputs_exit_2(exported, tmp_path, capsys):
         assert _stand_in(*full) == 2
         assert msg in capsys.readouterr().err
     assert not (out / "weights.npz").exists()
+
+
+def test_stand_in_predicts_with_a_frozen_file_and_refuses_to_train_it(exported, tmp_path, capsys):
+    import dataclasses
+
+    from conftest import EXPORT_SPEC
+
+    from nca_jax import export as ex
+    from nca_jax.phantoms import write_phantom_folder
+
+    frozen = tmp_path / "frozen.tflite"
+    spec = dataclasses.replace(EXPORT_SPEC, frozen=True, fixed_randomness=False)
+    ex.export(exported["cfg"], exported["params"], spec, frozen)
+    data = write_phantom_folder(tmp_path / "data", n=3, seed=3, size=32)
+    pred = tmp_path / "pred"
+    assert _stand_in("predict", "--model", frozen, "--data", data, "--out", pred) == 0
+    assert len(list((pred / "std").glob("*.png"))) == 3
+    run = tmp_path / "run"
+    assert _stand_in("train", "--model", frozen, "--data", data, "--out", run) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "an inference-only (frozen) file has no 'train'" in err
+    assert not run.exists()  # refused before anything was written
