@@ -195,6 +195,15 @@ def use_compile_cache(arg: str | None, work: Path) -> None:
         jax.config.update("jax_compilation_cache_dir", str(Path(arg or work / ".jax_cache")))
 
 
+def device_kind() -> str:
+    """What runs this process's JAX work: 'cpu' or the accelerator's kind (its minutes are not
+    CPU minutes)."""
+    import jax
+
+    d = jax.devices()[0]
+    return "cpu" if d.platform == "cpu" else str(d.device_kind)
+
+
 def unit(path: Path, fn: Any, compute: bool = True) -> dict[str, Any] | None:
     """Runs fn() unless path (its JSON result) exists; stores the result with its wall time.
     compute=False only reads: None when the result is absent."""

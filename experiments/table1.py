@@ -38,6 +38,7 @@ from experiments.common import (
     SITES,
     Variant,
     build,
+    device_kind,
     load_json_protocol,
     load_site,
     unit,
@@ -198,7 +199,7 @@ class Table:
                 progress=False,
             )
             res["step_s_calibrated"] = self.calib["models"][name]["step_s"]
-            res["device"] = _device()
+            res["device"] = device_kind()
             return res
 
         return unit(self.work / f"{tag}.json", do, self.compute)
@@ -245,14 +246,6 @@ class Table:
             return res
 
         return unit(self.work / f"phone-{name}.json", do, self.compute)
-
-
-def _device() -> str:
-    """What trained a run: 'cpu' or the accelerator's kind (its minutes are not CPU minutes)."""
-    import jax
-
-    d = jax.devices()[0]
-    return "cpu" if d.platform == "cpu" else str(d.device_kind)
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.common import FINETUNE_SPLIT, fields_of, head, unit
+from experiments.common import FINETUNE_SPLIT, device_kind, fields_of, head, unit
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import (
     ConfigError,
@@ -268,7 +268,7 @@ class Study:
             cfg, prm = ckpt.load_run(run, weights)
             fc = finetune_config(m, seed, self.p, str(weights or run))
             imgs = head(self.data(tgt, FINETUNE_SPLIT[tgt], masks=False), self.p.n_target_images)
-            return finetune(
+            res = finetune(
                 cfg,
                 prm,
                 imgs,
@@ -278,6 +278,7 @@ class Study:
                 progress=False,
                 uncertainty_after=self.p.uncertainty_after,
             )
+            return {**res, "device": device_kind()}
 
         res = unit(self.work / f"{name}.json", do, self.compute and not self.a.no_finetune)
         if res is None and ft.exists():  # running or cut: rank its snapshots so far
@@ -394,7 +395,11 @@ def collect(st: Study, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                     continue
                 ft, res = got_ft
                 per_epoch, tag = res["steps_per_epoch"], ft.name
-                common = {"n_target_images": res["n_train"], "wall_s": res.get("wall_s")}
+                common = {
+                    "n_target_images": res["n_train"],
+                    "wall_s": res.get("wall_s"),
+                    "device": res.get("device", "cpu"),  # what ran the fine-tuning
+                }
                 ev = last_ev = st.evaluate(tag + "-last", ft, ft / "weights_last.npz", tgt, k)
                 if ev is not None:
                     rows.append(
@@ -653,6 +658,12 @@ def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
             f"| {s} | {t} | {m} | {n_img or ''} | {sel}{extra} | {np.mean(v):.3f} ± "
             f"{np.std(v):.3f} ({each}) | {delta} | {len(v)} |"
         )
+    elsewhere = sorted(
+        {(r["device"], r["method"]) for r in rows if r.get("device", "cpu") != "cpu"}
+    )
+    if elsewhere:
+        out += ["", "Fine-tuned on an accelerator (same protocol; wall times are its own): "]
+        out[-1] += ", ".join(f"{m} on {d}" for d, m in elsewhere) + "."
     out += [""] + acceptance(rows, p)
     if curves:
         out += [

@@ -281,6 +281,7 @@ def test_vwsl_study_runs_resumes_and_reports_every_method_and_selection(tmp_path
         ):
             for sel in ("last", "label-free", "oracle"):
                 assert all((src, m, sel, s) in got for s in seeds), (src, m, sel)
+    assert {r["device"] for r in rows if r["method"] != "med-nca"} == {"cpu"}
     # vwsl-default reused the authors' runs: no run folder of its own
     assert not list((tmp_path / "work").glob("ft-vwsl-default-*"))
     lf = [r for r in rows if r["selection"] == "label-free"]
