@@ -461,7 +461,7 @@ def test_table1_budget_becomes_whole_epochs_per_model():
     calib = {"models": {"med-nca": {"step_s": 2.5}, "unet": {"step_s": 15.0}}}
     cfg = run_config(p, "med-nca", 1, calib)
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.seed) == (120, 4, 1)
-    assert cfg.train.eval_every == cfg.train.checkpoint_every == 120 // 25
+    assert cfg.train.eval_every == cfg.train.checkpoint_every == 120 // p.validations
     unet = run_config(p, "unet", 0, calib)
     assert (unet.model.kind, unet.train.loss, unet.train.lr) == ("unet", "dice_focal", 1e-4)
     assert unet.train.epochs == 20 and unet.train.eval_every == 1
