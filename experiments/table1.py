@@ -212,7 +212,9 @@ class Table:
         def do() -> dict[str, Any]:
             cfg, params = ckpt.load_run(self.work / tag)
             k = self.p.eval_samples
-            s = evaluate(cfg, params, self.data(test, "test"), samples=k, seed=0, chunk=10 // k)
+            s = evaluate(
+                cfg, params, self.data(test, "test"), samples=k, seed=0, chunk=max(1, 10 // k)
+            )
             s.pop("cases")
             return s
 
