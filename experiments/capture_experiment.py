@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             test = load_site(folder.parent, a.splits, folder.name, f"{tgt}_test", size)
             after_run = work / f"vwsl-{preset}-n{n_max}-s{seeds[0]}"
             write_figure(source_run, after_run, test, png, before_weights=source_weights)
-    print((res_dir / "capture.md").read_text())
+    print((res_dir / f"{proto.results_name}.md").read_text())
     return 0
 
 

@@ -614,11 +614,13 @@ def acceptance(rows: list[dict], p: Protocol) -> list[str]:
 
 
 def capture_rows(p: Protocol) -> list[dict]:
-    """The rows of the protocol's capture result files that follow the results contract."""
+    """The rows of the protocol's capture result files that follow the results contract, on
+    captured images only (their uncaptured rows repeat what the study scores itself)."""
     out = []
     for f in p.captures:
         if Path(f).exists():
-            out += [r for r in json.loads(Path(f).read_text()) if "selection" in r]
+            rows = json.loads(Path(f).read_text())
+            out += [r for r in rows if "selection" in r and r.get("preset", "none") != "none"]
     return out
 
 

@@ -116,11 +116,14 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
         "uncertainty_images": 2,
         "uncertainty_samples": 2,
     }
+    proto["results_name"] = "cap_named"  # results/cap_named.{json,md}, capture.* untouched
     (tmp_path / "p.json").write_text(json.dumps(proto))
     cmd = _command("capture_experiment.py", tmp_path, data, splits)
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "results" / "capture.json").read_text())
+    assert not (tmp_path / "results" / "capture.json").exists()
+    assert (tmp_path / "results" / "cap_named.md").exists()
+    rows = json.loads((tmp_path / "results" / "cap_named.json").read_text())
     keys = {"train_site", "test_site", "preset", "method", "n_finetune_images", "seed"}
     assert all(keys | {"dice_mean", "dice_std", "n"} <= set(row) for row in rows)
     assert {(r["preset"], r["method"], r["n_finetune_images"]) for r in rows} == {
@@ -139,16 +142,11 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
     assert all(r["verdict"] in ("adapted", "rolled back") and r["steps"] > 0 for r in vw)
     captured = tmp_path / "work" / "captured-montgomery-severe-s0"
     assert len(list((captured / "masks").iterdir())) == 6  # masks captured, never committed
-    assert not (
-        tmp_path
-        / "results"
-        / "runs"
-        / "capture-vwsl-shenzhen-to-montgomery-severe-n3"
-        / "uncertainty"
-    ).exists()
+    kept = tmp_path / "results" / "runs" / "cap_named-vwsl-shenzhen-to-montgomery-severe-n3"
+    assert (kept / "weights.npz").exists() and not (kept / "uncertainty").exists()
     r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r2.returncode == 0
-    assert json.loads((tmp_path / "results" / "capture.json").read_text()) == rows
+    assert json.loads((tmp_path / "results" / "cap_named.json").read_text()) == rows
     # vwsl-default names finetune.py's defaults: any other finetune section is refused
     (tmp_path / "p.json").write_text(json.dumps({**proto, "method": "vwsl-default"}))
     r3 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
@@ -580,8 +578,11 @@ def test_vwsl_study_takes_contract_rows_of_captures_and_judges_the_bars(tmp_path
         r("montgomery-moderate", "vwsl-default", "label-free", 0, 0.66, 5),
         r("montgomery-moderate", "vwsl-default", "label-free", 1, 0.64, 5),
     ]
+    for c in cap:
+        c["preset"] = "moderate"
     legacy = {k: v for k, v in cap[0].items() if k != "selection"}
-    (tmp_path / "cap.json").write_text(json.dumps([*cap, legacy]))
+    clean = {**cap[0], "test_site": "montgomery", "preset": "none"}  # the study scores it
+    (tmp_path / "cap.json").write_text(json.dumps([*cap, legacy, clean]))
     p = Protocol(
         sources={},
         methods=(),
