@@ -604,3 +604,23 @@ def test_vwsl_study_takes_contract_rows_of_captures_and_judges_the_bars(tmp_path
     )
     rows[3]["dice_mean"] = 0.794  # one run loses 0.6 points: the bar is missed
     assert "| 3 | +1.07 | -0.60 | no |" in "\n".join(acceptance(rows, p))
+
+
+def test_rollout_vjp_prototype_gives_autodiffs_gradients():
+    """The (slower) whole-rollout VJP prototype of results/README.md computes the same gradients
+    as autodiff through model.rollout, on a tiny level (weights whose gradient batch norm makes
+    zero are compared in absolute terms)."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.prototypes.rollout_vjp import losses, problem
+    from nca_jax.config import ModelConfig
+
+    cfg = ModelConfig(channels=8, hidden=16, steps=4)
+    args = problem(cfg, 2, 12)
+    ref, new = losses(cfg)
+    a = jax.grad(ref, argnums=(0, 1, 2))(*args)
+    b = jax.grad(new, argnums=(0, 1, 2))(*args)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(a))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert float(jnp.max(jnp.abs(x - y))) <= 1e-5 * scale

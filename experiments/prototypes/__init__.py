@@ -1,0 +1,1 @@
+"""Prototypes kept to reproduce measured (often negative) results; not part of the library."""
