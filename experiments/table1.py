@@ -356,7 +356,12 @@ def _paper_nca_params() -> int:
     return count_params(init_params(ModelConfig(), key=jax.random.key(0)))
 
 
-def markdown(rows: list[dict[str, Any]], p: Table1Protocol, calib: dict[str, Any]) -> str:
+def markdown(
+    rows: list[dict[str, Any]],
+    p: Table1Protocol,
+    calib: dict[str, Any],
+    phones: dict[str, dict[str, Any]] | None = None,
+) -> str:
     """The paper's Table 1 layout: per training site, one line per model with the Dice on each
     test site (mean over seeds of the per-seed mean, +- the mean per-image std; the per-seed
     means in brackets), parameters and the phone column."""
@@ -410,6 +415,27 @@ def markdown(rows: list[dict[str, Any]], p: Table1Protocol, calib: dict[str, Any
             lines.append(
                 f"| {site} | {m} | {' | '.join(cells)} | {r0['params']:,} | "
                 f"{','.join(map(str, seeds))} | {trained} | {' | '.join(phone)} |"
+            )
+    if phones:
+        lines += [
+            "",
+            f"The phone column alone (LiteRT on this CPU, batch 1, {p.phone_size} px, its default "
+            "thread count; JAX doing the same work in the same process):",
+            "",
+            "| model | params | .tflite MB | infer s (JAX) | train s (JAX) | VWSL step s (JAX) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, ph in phones.items():
+
+            def both(sig: str, ph: dict[str, Any] = ph) -> str:
+                if f"tflite_{sig}_s" not in ph:
+                    return "-"
+                return f"{ph[f'tflite_{sig}_s']:.2f} ({ph[f'jax_{sig}_s']:.2f})"
+
+            lines.append(
+                f"| {name} | {calib['models'][name]['params']:,} | "
+                f"{ph['tflite_bytes'] / 1e6:.2f} | {both('infer')} | {both('train')} | "
+                f"{both('finetune')} |"
             )
     lines += [
         "",
@@ -477,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     res = Path(a.results)
     res.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(res / "table1.json", rows)
-    atomic_write_text(res / "table1.md", markdown(rows, p, calib))
+    phones = {n: ph for n in p.models if (ph := full.phone(n)) is not None}
+    atomic_write_text(res / "table1.md", markdown(rows, p, calib, phones))
     print((res / "table1.md").read_text())
     return 0
 

@@ -550,6 +550,7 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
     assert [(x["model"], x["dice_mean"]) for x in rows if x not in mine] == [("med-nca+vwsl", 0.5)]
     md = (tmp_path / "results" / "table1.md").read_text()
     assert "| shenzhen | unet-small |" in md and "| shenzhen | med-nca+vwsl |" in md
+    assert "| unet-small | 1,921 |" in md  # the phone column alone
     # resumable: a second invocation computes nothing and gives the same rows
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
