@@ -100,6 +100,42 @@ class Variant:
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def load_commented(
+    cls: type, path: str | Path, parsers: dict[str, Callable[[Any, str], Any]] | None = None
+) -> Any:
+    """build(cls, ...) from the protocol file `path` for a dataclass with a `comment` field: the
+    file's `_comment` becomes it, and a key `comment` is refused (a note is `_comment`)."""
+    where = str(path)
+    raw = load_json_protocol(path)
+    if "comment" in raw:
+        raise ConfigError(f"{where}: unknown field(s) ['comment'] (a note is `_comment`)")
+    return build(cls, {**raw, "comment": raw.get("_comment", "")}, where, parsers)
+
+
+def variants_parser(
+    where: str, key: str, allow_empty: bool = True
+) -> Callable[[Any, str], dict[str, Variant]]:
+    """A `build` parser for a protocol's JSON object of named Variants under `key`."""
+
+    def parse(d: Any, w: str) -> dict[str, Variant]:
+        if not isinstance(d, dict) or (not d and not allow_empty):
+            raise ConfigError(f"{w}: expected a JSON object of {key}")
+        return {n: build(Variant, v, f"{where} [{key}.{n}]") for n, v in d.items()}
+
+    return parse
+
+
+def score_fields(ev: dict[str, Any]) -> dict[str, Any]:
+    """The scores a result row takes from an evaluate() summary."""
+    return {
+        "dice_mean": ev["dice_mean"],
+        "dice_std": ev["dice_std"],
+        "hd95_mean": ev.get("hd95_mean"),
+        "n": ev["n"],
+        "samples": ev["samples"],
+    }
+
+
 def variant_config(spec: Variant, where: str) -> RunConfig:
     """The variant's config: the file `spec.config` (default: the paper's) with the
     sections `model` / `train` of the spec laid over it."""

@@ -37,13 +37,14 @@ import numpy as np
 from experiments.common import (
     SITES,
     Variant,
-    build,
     device_kind,
-    load_json_protocol,
+    load_commented,
     load_site,
+    score_fields,
     unit,
     use_compile_cache,
     variant_config,
+    variants_parser,
 )
 from nca_jax import checkpoint as ckpt
 from nca_jax.cli import run_cli
@@ -75,16 +76,7 @@ class Table1Protocol:
     @classmethod
     def load(cls, path: str | Path) -> Table1Protocol:
         where = str(path)
-        raw = load_json_protocol(path)
-        if "comment" in raw:
-            raise ConfigError(f"{where}: unknown field(s) ['comment'] (a note is `_comment`)")
-
-        def models(d: Any, w: str) -> dict[str, Variant]:
-            if not isinstance(d, dict) or not d:
-                raise ConfigError(f"{w}: expected a JSON object of models")
-            return {n: build(Variant, v, f"{where} [models.{n}]") for n, v in d.items()}
-
-        p = build(cls, {**raw, "comment": raw.get("_comment", "")}, where, {"models": models})
+        p = load_commented(cls, path, {"models": variants_parser(where, "models", False)})
         bad = set(p.sites) - set(SITES)
         if bad:
             raise ConfigError(f"{where}: unknown site(s) {sorted(bad)} (known: {list(SITES)})")
@@ -277,11 +269,7 @@ def collect(t: Table) -> list[dict[str, Any]]:
                             "model": name,
                             "params": t.calib["models"][name]["params"],
                             "seed": seed,
-                            "dice_mean": ev["dice_mean"],
-                            "dice_std": ev["dice_std"],
-                            "hd95_mean": ev.get("hd95_mean"),
-                            "n": ev["n"],
-                            "samples": ev["samples"],
+                            **score_fields(ev),
                             "train_minutes": cpu_min,
                             "measured_train_minutes": measured,
                             "epochs": tr["epochs_done"],

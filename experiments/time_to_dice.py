@@ -27,7 +27,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.common import Variant, build, load_json_protocol, use_compile_cache, variant_config
+from experiments.common import (
+    Variant,
+    load_commented,
+    use_compile_cache,
+    variant_config,
+    variants_parser,
+)
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import RunConfig, atomic_write_text
 from nca_jax.data import load_split
@@ -48,19 +54,7 @@ class TimeToDiceProtocol:
 
     @classmethod
     def load(cls, path: str | Path) -> TimeToDiceProtocol:
-        where = str(path)
-        raw = load_json_protocol(path)
-        if "comment" in raw:
-            raise ConfigError(f"{where}: unknown field(s) ['comment'] (a note is `_comment`)")
-
-        def variants(d: Any, w: str) -> dict[str, Variant]:
-            if not isinstance(d, dict):
-                raise ConfigError(f"{w}: expected a JSON object of variants")
-            return {n: build(Variant, v, f"{where} [variants.{n}]") for n, v in d.items()}
-
-        return build(
-            cls, {**raw, "comment": raw.get("_comment", "")}, where, {"variants": variants}
-        )
+        return load_commented(cls, path, {"variants": variants_parser(str(path), "variants")})
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:

@@ -32,7 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from experiments.common import FINETUNE_SPLIT, device_kind, fields_of, head, unit
+from experiments.common import (
+    FINETUNE_SPLIT,
+    device_kind,
+    fields_of,
+    head,
+    score_fields,
+    unit,
+)
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import (
     ConfigError,
@@ -343,11 +350,7 @@ def row(src: str, tgt: str, method: str, selection: str, seed: int, ev: dict, **
         "method": method,
         "selection": selection,
         "seed": seed,
-        "dice_mean": ev["dice_mean"],
-        "dice_std": ev["dice_std"],
-        "hd95_mean": ev.get("hd95_mean"),
-        "n": ev["n"],
-        "samples": ev["samples"],
+        **score_fields(ev),
         **kw,
     }
 

@@ -37,16 +37,24 @@ def _command(script: str, tmp_path: Path, data: Path, splits: Path) -> list[str]
     ]
 
 
-@pytest.mark.slow
-def test_cross_site_runs_and_resumes_on_phantom_sites(tmp_path):
+def _phantom_sites(tmp_path: Path, n: int, seed: int, extra=lambda site, names: {}):
+    """Two 32-px phantom sites under tmp_path/data and their split files under tmp_path/splits:
+    train = the first 2 names, val the 3rd, test the 4th and 5th, then extra(site, names)
+    ({part: names}, laid over those). -> (data, splits)."""
     data, splits = tmp_path / "data", tmp_path / "splits"
     splits.mkdir()
     for i, site in enumerate(("shenzhen", "montgomery")):
-        write_phantom_folder(data / site, n=6, seed=10 + i, size=32)
+        write_phantom_folder(data / site, n=n, seed=seed + i, size=32)
         names = sorted(p.stem for p in (data / site / "images").iterdir())
-        parts = {"train": names[:2], "val": names[2:3], "test": names[3:5], "finetune": names[5:]}
+        parts = {"train": names[:2], "val": names[2:3], "test": names[3:5], **extra(site, names)}
         for part, ns in parts.items():
             (splits / f"{site}_{part}.txt").write_text("\n".join(ns) + "\n")
+    return data, splits
+
+
+@pytest.mark.slow
+def test_cross_site_runs_and_resumes_on_phantom_sites(tmp_path):
+    data, splits = _phantom_sites(tmp_path, 6, 10, lambda site, names: {"finetune": names[5:]})
     proto = {
         "train_config": {
             "model": {"channels": 8, "hidden": 16, "steps": 2, "patch": 8},
@@ -206,15 +214,9 @@ def test_time_to_dice_curves_and_cpu_projection(tmp_path):
 
 @pytest.mark.slow
 def test_vwsl_study_runs_resumes_and_reports_every_method_and_selection(tmp_path):
-    data, splits = tmp_path / "data", tmp_path / "splits"
-    splits.mkdir()
-    for i, site in enumerate(("shenzhen", "montgomery")):
-        write_phantom_folder(data / site, n=8, seed=20 + i, size=32)
-        names = sorted(p.stem for p in (data / site / "images").iterdir())
-        ft = "finetune" if site == "shenzhen" else "train"
-        parts = {"train": names[:2], "val": names[2:3], "test": names[3:5], ft: names[5:7]}
-        for part, ns in parts.items():
-            (splits / f"{site}_{part}.txt").write_text("\n".join(ns) + "\n")
+    data, splits = _phantom_sites(  # each site's unlabelled fine-tuning split
+        tmp_path, 8, 20, lambda s, names: {"finetune" if s == "shenzhen" else "train": names[5:7]}
+    )
     tiny = {"channels": 8, "hidden": 16, "steps": 2, "patch": 8}
     train = {"epochs": 2, "batch_size": 2, "image_size": 32, "eval_every": 1}
     ft = {
@@ -469,13 +471,7 @@ def test_table1_budget_becomes_whole_epochs_per_model():
 
 @pytest.mark.slow
 def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(tmp_path):
-    data, splits = tmp_path / "data", tmp_path / "splits"
-    splits.mkdir()
-    for i, site in enumerate(("shenzhen", "montgomery")):
-        write_phantom_folder(data / site, n=6, seed=30 + i, size=32)
-        names = sorted(p.stem for p in (data / site / "images").iterdir())
-        for part, ns in {"train": names[:2], "val": names[2:3], "test": names[3:5]}.items():
-            (splits / f"{site}_{part}.txt").write_text("\n".join(ns) + "\n")
+    data, splits = _phantom_sites(tmp_path, 6, 30)
     train = {"batch_size": 2, "image_size": 32}
     proto = {
         "models": {
