@@ -308,6 +308,7 @@ def vwsl_rows(t: Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     ph = unit(t.work / "phone-med-nca.json", dict, compute=False)
+    params = _paper_nca_params()
     out = []
     for r in json.loads(path.read_text()):
         if (r["method"], r["selection"]) != ("vwsl-default", "label-free"):
@@ -319,7 +320,7 @@ def vwsl_rows(t: Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "train_site": r["train_site"],
                 "test_site": r["test_site"],
                 "model": VWSL_MODEL,
-                "params": _paper_nca_params(),
+                "params": params,
                 "seed": r["seed"],
                 "dice_mean": r["dice_mean"],
                 "dice_std": r["dice_std"],
