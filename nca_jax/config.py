@@ -85,6 +85,9 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps
     curriculum_epochs: int = 0  # the first curriculum_epochs epochs run ...
     curriculum_steps: int = 0  # ... this many NCA steps per level (cheaper steps early)
+    # deep supervision: + this weight x the loss of level 1's lung logits (upsampled, whole
+    # image) against the mask; 0 = the authors' loss on the level-2 patch only
+    level1_loss_weight: float = 0.0
     loss: str = "dice_bce"  # "dice_bce" or "dice_focal"
     focal_gamma: float = 2.0
     skip_empty_patches: bool = True  # authors: a batch whose patch labels are all empty is skipped
@@ -121,6 +124,10 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps and curriculum fields must be >= 0")
         if (self.curriculum_epochs > 0) != (self.curriculum_steps > 0):
             raise ConfigError("train.curriculum_epochs and curriculum_steps go together")
+        if self.level1_loss_weight < 0:
+            raise ConfigError(
+                f"train.level1_loss_weight must be >= 0, got {self.level1_loss_weight}"
+            )
 
 
 FINETUNE_METHODS = ("vwsl", "pseudo-label", "entropy")
@@ -242,6 +249,8 @@ class RunConfig:
         if self.finetune is not None:
             self.finetune.validate()
         if self.model.kind == "unet":
+            if self.train.level1_loss_weight:
+                raise ConfigError("train.level1_loss_weight needs Med-NCA: a UNet has no level 1")
             levels = 2 ** (self.model.unet_blocks - 1)
             if self.train.image_size % levels:
                 raise ConfigError(

@@ -417,14 +417,19 @@ def train_logits(
     key: jax.Array | None = None,
     randomness: Randomness | None = None,
     unroll: bool | str = True,
-) -> tuple[jax.Array, jax.Array]:
+    level1: bool = False,
+) -> tuple[jax.Array, ...]:
     """Training forward: level 2 runs on one random patch per sample.
 
-    image, mask: (B, H, W) -> (patch logits (B, p, p), patch mask (B, p, p)), p = cfg.patch.
-    A UNet (kind "unet") trains on the whole image: (logits (B, H, W), mask)."""
+    image, mask: (B, H, W) -> (patch logits (B, p, p), patch mask (B, p, p)), p = cfg.patch;
+    with level1=True also level 1's lung logits upsampled to the image, (B, H, W) (the same
+    draws: level 1 runs once). A UNet (kind "unet") trains on the whole image: (logits
+    (B, H, W), mask)."""
     _check_rand(key, randomness)
     image = as_nhwc(image)
     if cfg.kind == "unet":
+        if level1:
+            raise ValueError("a UNet has no level 1")
         return unet_logits(params, image, cfg), mask
     if randomness is None:
         yx = draw_patch_corners(key, cfg, image.shape[0], image.shape[1])
@@ -438,6 +443,8 @@ def train_logits(
     image_p = state_p[..., :1]
     mask_p = crop_patches(mask, yx, cfg.patch)
     out = rollout(params["level2"], state_p, image_p, cfg=cfg, unroll=unroll, **r2)
+    if level1:
+        return out[..., 1], mask_p, state[..., 1]
     return out[..., 1], mask_p
 
 

@@ -161,9 +161,12 @@ def supervised_loss(
 ) -> tuple[jax.Array, jax.Array]:
     """The supervised objective on images, masks (B, H, W), randomness from `key` or given as
     tensors (the TFLite export): (loss, skip), skip = the patch labels are all empty and
-    train.skip_empty_patches is set. Training and the exported `train` both call this."""
+    train.skip_empty_patches is set. With train.level1_loss_weight > 0 the loss adds that
+    weight x the same loss of level 1's upsampled logits against the whole masks. Training and
+    the exported `train` both call this."""
     mc, tc = cfg.model, cfg.train
-    logits, target = train_logits(
+    deep = tc.level1_loss_weight > 0
+    out = train_logits(
         params,
         images,
         masks,
@@ -171,8 +174,13 @@ def supervised_loss(
         key=key,
         randomness=randomness,
         unroll=mc.unroll if unroll is None else unroll,
+        level1=deep,
     )
+    logits, target = out[0], out[1]
     loss = segmentation_loss(logits, target, kind=tc.loss, focal_gamma=tc.focal_gamma)
+    if deep:
+        aux = segmentation_loss(out[2], masks, kind=tc.loss, focal_gamma=tc.focal_gamma)
+        loss = loss + tc.level1_loss_weight * aux
     skip = (jnp.sum(target) == 0) if tc.skip_empty_patches else jnp.array(False)
     return loss, skip
 

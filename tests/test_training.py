@@ -190,6 +190,7 @@ def test_stop_at_val_dice_ends_early_and_resumes(tiny_cfg, phantoms, tmp_path):
         ({"schedule": "cosine"}, "needs train.decay_steps"),
         ({"warmup_steps": -1}, "must be >= 0"),
         ({"curriculum_epochs": 2}, "go together"),
+        ({"level1_loss_weight": -0.5}, "level1_loss_weight must be >= 0"),
     ],
 )
 def test_bad_time_to_quality_options_are_refused(tiny_cfg, fields, message):
@@ -197,3 +198,45 @@ def test_bad_time_to_quality_options_are_refused(tiny_cfg, fields, message):
 
     with pytest.raises(ConfigError, match=message):
         _train(tiny_cfg, **fields)
+
+
+def test_level1_loss_adds_the_weighted_loss_of_level_1_on_the_whole_image(tiny_cfg, phantoms):
+    """Deep supervision: loss = patch loss + w x loss(level-1 logits upsampled, whole mask),
+    from ONE forward (level 1's draws are those of the patch loss); w = 0 is the authors'."""
+    from conftest import randomised_params
+
+    from nca_jax.model import _level1_to_full, as_nhwc
+    from nca_jax.training import supervised_loss
+
+    params = randomised_params(tiny_cfg.model)
+    imgs, masks = jnp.asarray(phantoms.images[:4]), jnp.asarray(phantoms.masks[:4])
+    key = jax.random.key(5)
+    base, _ = supervised_loss(params, imgs, masks, cfg=tiny_cfg, key=key)
+    logits, target = train_logits(params, imgs, masks, cfg=tiny_cfg.model, key=key)
+    np.testing.assert_array_equal(base, segmentation_loss(logits, target))
+    deep_cfg = _train(tiny_cfg, level1_loss_weight=0.25)
+    deep, _ = supervised_loss(params, imgs, masks, cfg=deep_cfg, key=key)
+    # level 1 by hand, with the draws train_logits gives it (fold_in(key, LEVEL_KEY = 1))
+    state = _level1_to_full(
+        params, as_nhwc(imgs), tiny_cfg.model, True, key=jax.random.fold_in(key, 1)
+    )
+    aux = segmentation_loss(state[..., 1], masks)
+    assert float(aux) > 0.1
+    np.testing.assert_allclose(float(deep), float(base) + 0.25 * float(aux), rtol=1e-6)
+    # level 1 gets a gradient of its own: its dense_out moves more than through level 2 alone
+    g0 = jax.grad(lambda p: supervised_loss(p, imgs, masks, cfg=tiny_cfg, key=key)[0])(params)
+    g1 = jax.grad(lambda p: supervised_loss(p, imgs, masks, cfg=deep_cfg, key=key)[0])(params)
+    k0 = g0["level1"]["dense_out"]["kernel"]
+    k1 = g1["level1"]["dense_out"]["kernel"]
+    assert float(jnp.abs(k1 - k0).max()) > 1e-4
+
+
+def test_level1_loss_is_refused_for_a_unet(tiny_cfg):
+    from nca_jax.config import ConfigError, ModelConfig, RunConfig
+
+    cfg = RunConfig(
+        model=ModelConfig(kind="unet", unet_blocks=2, unet_channels=4),
+        train=dataclasses.replace(tiny_cfg.train, level1_loss_weight=1.0),
+    )
+    with pytest.raises(ConfigError, match="a UNet has no level 1"):
+        cfg.validate()
