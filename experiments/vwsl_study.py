@@ -627,6 +627,43 @@ def capture_rows(p: Protocol) -> list[dict]:
     return out
 
 
+def spread_lines(curves: list[dict]) -> list[str]:
+    """What the sample spread (the variance maps' mean, 'quality') did in each run that has
+    label-free checks: source -> last check, beside the target test Dice of the same epochs,
+    and the correlation of spread and Dice over the checked epochs (labels: reference only)."""
+    out, seen = [], set()
+    for c in curves:
+        sc, pts = c.get("source_check"), c["points"]
+        checked = [pt for pt in pts if "check_quality" in pt]
+        if not sc or not checked or c["run"] in seen:
+            continue
+        seen.add(c["run"])
+        d0 = next((pt["dice"] for pt in pts if pt["epoch"] == 0), None)
+        last = checked[-1]
+        q = [sc["quality"]] + [pt["check_quality"] for pt in checked]
+        d = [d0] + [pt["dice"] for pt in checked]
+        line = (
+            f"- {c['run']}: spread {sc['quality']:.4f} (source) -> {last['check_quality']:.4f} "
+            f"(epoch {last['epoch']}, {last['check_quality'] / sc['quality'] - 1:+.0%})"
+        )
+        if d0 is not None:
+            line += f"; Dice {d0:.3f} -> {last['dice']:.3f}"
+            if len(q) >= 3 and np.std(q) > 0 and np.std(d) > 0:
+                r = np.corrcoef(q, d)[0, 1]
+                line += f"; correlation of spread and Dice over the checks {r:+.2f}"
+        out.append(line)
+    if not out:
+        return []
+    return [
+        "What the variance maps show (their mean over the checked target images, 'quality'; "
+        "VWSL's consistency term lowers it by construction, so a lower spread alone does not "
+        "show that adaptation helped):",
+        "",
+        *out,
+        "",
+    ]
+
+
 def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
     out = ["# Fine-tuning on an unlabelled new site (issue 14)", ""]
     out.append(
@@ -716,6 +753,7 @@ def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
                     f"{pt.get('check_acceptable', '')} |"
                 )
             out.append("")
+    out += spread_lines(curves)
     out.append(
         "Earlier compressed-protocol results (10-15 source epochs, 60x the authors' lr, "
         "8 target images) stay in results/cross_site*.md and results/capture.md, "

@@ -603,6 +603,31 @@ def test_vwsl_study_takes_contract_rows_of_captures_and_judges_the_bars(tmp_path
     assert "| 3 | +1.07 | -0.60 | no |" in "\n".join(acceptance(rows, p))
 
 
+def test_vwsl_spread_lines_summarise_each_checked_run_once():
+    """The 'what the variance maps show' lines: source -> last check spread and Dice, and the
+    correlation over the checks; a reused run is listed once, a run without checks not at all."""
+    from experiments.vwsl_study import spread_lines
+
+    run = {
+        "run": "ft-a",
+        "source_check": {"quality": 0.20, "area": 0.3, "agreement": 0.8},
+        "points": [
+            {"epoch": 0, "dice": 0.70},
+            {"epoch": 10, "dice": 0.71},
+            {"epoch": 20, "dice": 0.72, "check_quality": 0.18},
+            {"epoch": 40, "dice": 0.74, "check_quality": 0.15},
+        ],
+    }
+    unchecked = {"run": "ft-b", "source_check": None, "points": [{"epoch": 0, "dice": 0.7}]}
+    lines = spread_lines([run, dict(run), unchecked])
+    runs = [ln for ln in lines if ln.startswith("- ")]
+    assert runs == [
+        "- ft-a: spread 0.2000 (source) -> 0.1500 (epoch 40, -25%); Dice 0.700 -> 0.740; "
+        "correlation of spread and Dice over the checks -0.99"
+    ]
+    assert spread_lines([unchecked]) == []
+
+
 def test_rollout_vjp_prototype_gives_autodiffs_gradients():
     """The (slower) whole-rollout VJP prototype of results/README.md computes the same gradients
     as autodiff through model.rollout, on a tiny level (weights whose gradient batch norm makes
