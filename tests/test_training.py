@@ -223,7 +223,7 @@ def test_level1_loss_adds_the_weighted_loss_of_level_1_on_the_whole_image(tiny_c
     aux = segmentation_loss(state[..., 1], masks)
     assert float(aux) > 0.1
     np.testing.assert_allclose(float(deep), float(base) + 0.25 * float(aux), rtol=1e-6)
-    # level 1 gets a gradient of its own: its dense_out moves more than through level 2 alone
+    # the extra term reaches level 1's weights directly: their gradient changes
     g0 = jax.grad(lambda p: supervised_loss(p, imgs, masks, cfg=tiny_cfg, key=key)[0])(params)
     g1 = jax.grad(lambda p: supervised_loss(p, imgs, masks, cfg=deep_cfg, key=key)[0])(params)
     k0 = g0["level1"]["dense_out"]["kernel"]
