@@ -205,6 +205,42 @@ def bench_tflite(path: str, reps: int, threads: int | None = None) -> dict[str, 
     return out
 
 
+def bench_tflite_interleaved(
+    paths: list[str], reps: int, threads: int | None = None
+) -> dict[str, dict[str, float]]:
+    """Per-call seconds (median of `reps`) of the same signatures in several files, the calls
+    interleaved (file A, file B, A, B, ...) in this process after one warm-up call each, so
+    that a shared machine's drift falls on all files alike: {path: {signature: s}}. Times the
+    signatures all files hold among infer, train and finetune."""
+    from nca_jax.device_train import TFLiteModel
+
+    models = [TFLiteModel(p, threads) for p in paths]
+    if len({(m.batch, m.size) for m in models}) != 1:
+        raise ConfigError(f"{paths}: the files differ in batch or size, nothing to compare")
+    b, s = models[0].batch, models[0].size
+    rng = np.random.default_rng(0)
+    img = rng.uniform(size=(b, s, s, 1)).astype(np.float32)
+    msk = np.zeros_like(img)
+    msk[:, s // 4 : 3 * s // 4, s // 8 : s // 2] = 1
+    calls = {
+        "infer": {"image": img},
+        "train": {"image": img, "mask": msk},
+        "finetune": {"image": img, "target": msk, "weight": np.ones_like(img)},
+    }
+    calls = {k: v for k, v in calls.items() if all(k in m.signatures for m in models)}
+    for m in models:
+        for sig, kw in calls.items():
+            m.run(sig, **kw)
+    ts: dict[tuple[int, str], list[float]] = {}
+    for _ in range(reps):
+        for i, m in enumerate(models):
+            for sig, kw in calls.items():
+                t = time.perf_counter()
+                m.run(sig, **kw)
+                ts.setdefault((i, sig), []).append(time.perf_counter() - t)
+    return {p: {sig: statistics.median(ts[i, sig]) for sig in calls} for i, p in enumerate(paths)}
+
+
 def run_peer(src: str, python: str, batch: int, size: int, steps: int) -> dict[str, Any]:
     cmd = [
         python,
@@ -237,9 +273,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the training step with XLA's own gradient (fast_backward=False)",
     )
+    p.add_argument(
+        "--compare-perceive",
+        action="store_true",
+        help="also time the training step and one prediction with the perception written as "
+        "one matmul (model.perceive im2col, the TFLite export's) and print the ratios",
+    )
     p.add_argument("--peer", help="folder holding the authors' src/ (see ../shared/peer/README.md)")
     p.add_argument("--peer-python", default=sys.executable)
-    p.add_argument("--tflite", help="a .tflite file from export_tflite.py: time its signatures")
+    p.add_argument(
+        "--tflite",
+        nargs="+",
+        help="a .tflite file from export_tflite.py: time its signatures against JAX; with "
+        "several files, also time them against each other, calls interleaved",
+    )
     p.add_argument("--tflite-threads", type=int, help="LiteRT CPU threads (default: its own)")
     p.add_argument(
         "--tflite-only", action="store_true", help="time only the --tflite file (and its JAX twin)"
@@ -260,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         "batches": a.batch,
         "flop_per_cell_step": flop_per_cell_step(mc),
     }
+    if a.tflite_only and (a.compare_perceive or a.autodiff_baseline):
+        raise ConfigError(
+            "--compare-perceive and --autodiff-baseline time JAX: not with --tflite-only"
+        )
     if a.tflite_only and not a.tflite:
         raise ConfigError("--tflite-only needs --tflite FILE")
     res["matmul_gflops"] = matmul_gflops()
@@ -277,6 +328,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"(fast backward is {r['speedup_fast_backward']:.2f}x faster)",
                 flush=True,
             )
+        if a.compare_perceive:
+            alt = bench_train(dataclasses.replace(mc, perceive="im2col"), a.size, b, a.reps)
+            r["train_step_im2col_s"] = alt["train_step_s"]
+            r["speedup_im2col"] = r["train_step_s"] / alt["train_step_s"]
+            print(
+                f"train step batch {b}, perception as one matmul: {alt['train_step_s']:.3f} s "
+                f"({r['speedup_im2col']:.2f}x the convolutions' speed)",
+                flush=True,
+            )
         per_batch[str(b)] = r
         print(
             f"train step batch {b}: {r['train_step_s']:.3f} s, {r['train_gflops']:.1f} GFLOP/s "
@@ -289,6 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_predict and not a.tflite_only:
         r = bench_predict(mc, a.size, a.reps)
         res.update(r)
+        if a.compare_perceive:
+            alt = bench_predict(dataclasses.replace(mc, perceive="im2col"), a.size, a.reps)
+            res["predict_im2col_s"] = alt["predict_s"]
+            res["speedup_predict_im2col"] = r["predict_s"] / alt["predict_s"]
+            print(
+                f"prediction 1x{a.size}, perception as one matmul: {alt['predict_s']:.3f} s "
+                f"({res['speedup_predict_im2col']:.2f}x the convolutions' speed)",
+                flush=True,
+            )
         print(
             f"prediction 1x{a.size}: {r['predict_s']:.3f} s ({r['predict_gflops']:.1f} GFLOP/s); "
             f"10 samples: vmap {r['variance10_vmap_s']:.2f} s, "
@@ -296,15 +365,30 @@ def main(argv: list[str] | None = None) -> int:
             f"library default ({r['variance10_parallel']:.0f} at a time) {r['variance10_s']:.2f} s",
             flush=True,
         )
-    if a.tflite:
-        r = bench_tflite(a.tflite, a.reps, a.tflite_threads)
-        res["tflite"] = {"file": a.tflite, "threads": a.tflite_threads, **r}
+    for f in a.tflite or []:
+        r = bench_tflite(f, a.reps, a.tflite_threads)
+        entry = {"file": f, "threads": a.tflite_threads, **r}
+        res.setdefault("tflite", entry)  # the first file's, where earlier runs kept it
+        res.setdefault("tflite_files", []).append(entry)
         for sig in ("infer", "sample", "train", "finetune"):
             if f"tflite_{sig}_s" not in r:
                 continue
             print(
-                f"TFLite {sig}: {r[f'tflite_{sig}_s']:.2f} s, JAX {r[f'jax_{sig}_s']:.2f} s "
+                f"{f}: TFLite {sig}: {r[f'tflite_{sig}_s']:.2f} s, JAX {r[f'jax_{sig}_s']:.2f} s "
                 f"({r[f'tflite_over_jax_{sig}']:.1f}x)",
+                flush=True,
+            )
+    if a.tflite and len(a.tflite) > 1:
+        inter = bench_tflite_interleaved(a.tflite, a.reps, a.tflite_threads)
+        res["tflite_interleaved"] = inter
+        first = inter[a.tflite[0]]
+        for f, r in inter.items():
+            print(
+                f"interleaved {f}: "
+                + ", ".join(
+                    f"{sig} {t:.2f} s ({first[sig] / t:.2f}x the first file)"
+                    for sig, t in r.items()
+                ),
                 flush=True,
             )
     if a.peer:

@@ -30,6 +30,7 @@ def check_fields(section: Any, name: str) -> None:
 
 
 MODEL_KINDS = ("med-nca", "unet")
+PERCEIVE_IMPLS = ("conv", "im2col")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,11 @@ class ModelConfig:
     bn_eps: float = 1e-5  # batch-norm epsilon (PyTorch's default)
     unroll: bool = True  # fully unroll the training rollout (3x faster gradient on XLA CPU)
     fast_backward: bool = True  # hand-written MLP/batch-norm gradient (same values, faster)
+    # how the two 3x3 perception convolutions are computed (same function): "conv" (one
+    # convolution each) or "im2col" (the nine shifted windows side by side times both kernels:
+    # one matmul). The TFLite export uses "im2col": LiteRT's XNNPACK delegate runs matmuls
+    # with variable weights but not convolutions. "im2col" needs fast_backward.
+    perceive: str = "conv"
     kind: str = "med-nca"  # "med-nca" or "unet" (the deterministic baseline of Table 1)
     unet_blocks: int = 5  # UNet: encoding blocks (pooling levels + 1)
     unet_channels: int = 64  # UNet: channels of the first level, doubled per level
@@ -55,6 +61,12 @@ class ModelConfig:
         check_fields(self, "model")
         if self.kind not in MODEL_KINDS:
             raise ConfigError(f"model.kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+        if self.perceive not in PERCEIVE_IMPLS:
+            raise ConfigError(
+                f"model.perceive must be one of {PERCEIVE_IMPLS}, got {self.perceive!r}"
+            )
+        if self.perceive == "im2col" and not self.fast_backward:
+            raise ConfigError('model.perceive "im2col" needs model.fast_backward true')
         if self.unet_blocks < 2 or self.unet_channels < 1:
             raise ConfigError("model.unet_blocks must be >= 2 and model.unet_channels >= 1")
         if not (math.isfinite(self.bn_eps) and self.bn_eps > 0):

@@ -17,8 +17,9 @@ Signatures (B = batch, S = size, image tensors (B, S, S, 1) float32 in [0, 1]):
 With fixed_randomness the file also holds infer_fixed, train_fixed and finetune_fixed, which take
 the fire masks and patch corners as inputs (to compare with JAX exactly).
 A `frozen` file is for inference only: the weights are constants, the file holds infer and
-sample (and infer_fixed) and nothing that trains or reads weights. Runtimes delegate its
-convolutions and matmuls (XNNPACK needs constant weights), which the trainable file cannot.
+sample (and infer_fixed) and nothing that trains or reads weights. LiteRT's XNNPACK delegate
+runs its convolutions and matmuls; in a trainable file, whose weights are variables, it runs
+matmuls but not convolutions, so Med-NCA's perception is exported as one matmul (im2col).
 Weight names are the weights.npz names with '/' written as '__' (signature keys must be plain).
 """
 
@@ -40,6 +41,7 @@ from tqdm import tqdm
 
 from nca_jax.checkpoint import flatten_params, unflatten_params
 from nca_jax.config import (
+    PERCEIVE_IMPLS,
     FinetuneConfig,
     RunConfig,
     TrainConfig,
@@ -71,6 +73,17 @@ class ExportSpec:
     seed: int = 1  # device draws: a reproducible stream per loaded file; 0 = seeded at run time
     signatures: tuple[str, ...] = SIGNATURES  # a subset makes a smaller file (e.g. infer only)
     frozen: bool = False  # weights as constants: inference only (infer, sample), delegable
+    # How Med-NCA's perception convolutions are written into the graph (same values): "conv",
+    # "im2col" (one matmul), or "auto": im2col in a trainable file, whose weights are variables
+    # (LiteRT's XNNPACK delegate runs matmuls with variable weights but leaves a CONV_2D with
+    # a variable filter to LiteRT's slower kernel), conv in a frozen one (constant filters:
+    # delegated, and faster than the matmul)
+    perceive: str = "auto"
+
+    def perceive_impl(self) -> str:
+        if self.perceive != "auto":
+            return self.perceive
+        return "conv" if self.frozen else "im2col"
 
     def validate(self, cfg: RunConfig) -> None:
         mc = cfg.model
@@ -93,6 +106,10 @@ class ExportSpec:
                 raise ExportError(f"{name} must be finite and positive, got {v}")
         if self.samples < 2:
             raise ExportError("samples must be >= 2")
+        if self.perceive not in ("auto", *PERCEIVE_IMPLS):
+            raise ExportError(
+                f"perceive must be one of {('auto', *PERCEIVE_IMPLS)}, got {self.perceive!r}"
+            )
         unknown = set(self.signatures) - set(SIGNATURES)
         if unknown or not self.signatures:
             raise ExportError(f"signatures must be a non-empty subset of {SIGNATURES}")
@@ -119,6 +136,10 @@ class Functions:
     params: the weights.npz arrays in sorted-name order; opt_*: optax Adam state leaves."""
 
     def __init__(self, cfg: RunConfig, spec: ExportSpec, params: Params):
+        if cfg.model.kind == "med-nca":  # same function, computed as the spec asks
+            cfg = dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, perceive=spec.perceive_impl())
+            )
         self.cfg, self.spec, self.mc = cfg, spec, cfg.model
         flat = flatten_params(params)
         self.names = list(flat)

@@ -52,6 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "delegate it (XNNPACK), so it predicts faster than the trainable file",
     )
     p.add_argument(
+        "--perceive",
+        choices=["auto", "conv", "im2col"],
+        default="auto",
+        help="how Med-NCA's perception convolutions are written (same values): auto = one "
+        "matmul (im2col) in a trainable file, which LiteRT's XNNPACK delegate runs with "
+        "variable weights, and convolutions in a frozen file",
+    )
+    p.add_argument(
         "--fixed-randomness",
         action="store_true",
         help="also export infer_fixed/train_fixed/finetune_fixed (masks as inputs; tests)",
@@ -73,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
         signatures=tuple(a.signatures),
         frozen=a.frozen,
+        perceive=a.perceive,
     )
     if a.run:
         cfg, params = ckpt.load_run(a.run, a.weights)

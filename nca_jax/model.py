@@ -136,11 +136,32 @@ def _cell_mlp_bwd(eps, res, g):
 cell_mlp.defvjp(_mlp_forward, _cell_mlp_bwd)  # the forward already returns the residuals
 
 
+def perceive_im2col(perceive_params: Params, state: jax.Array) -> jax.Array:
+    """Perceive's function as one matmul: state (B, H, W, C) -> features (B, H, W, 3C).
+
+    The nine shifted windows of the reflect-padded state side by side, (B*H*W, 9C), times both
+    3x3 kernels side by side, (9C, 2C). Same parameters and values as `Perceive` (to float
+    rounding)."""
+    b, h, w, c = state.shape
+    pp = perceive_params
+    k = jnp.concatenate([pp["conv0"]["kernel"], pp["conv1"]["kernel"]], -1).reshape(9 * c, 2 * c)
+    bias = jnp.concatenate([pp["conv0"]["bias"], pp["conv1"]["bias"]])
+    padded = jnp.pad(state, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    cols = jnp.concatenate(
+        [padded[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1
+    )
+    p = (cols.reshape(b * h * w, 9 * c) @ k + bias).reshape(b, h, w, 2 * c)
+    return jnp.concatenate([state, p], axis=-1)
+
+
 def apply_rule(level_params: Params, state: jax.Array, cfg: ModelConfig) -> jax.Array:
     """UpdateRule's function with the fast backward: state (B, H, W, C) -> update (B, H, W, C).
 
     Same parameters and same values as `update_rule(cfg).apply` (to float rounding)."""
-    feats = Perceive(cfg.channels).apply({"params": level_params["perceive"]}, state)
+    if cfg.perceive == "im2col":
+        feats = perceive_im2col(level_params["perceive"], state)
+    else:
+        feats = Perceive(cfg.channels).apply({"params": level_params["perceive"]}, state)
     b, h, w, f = feats.shape
     p = level_params
     out = cell_mlp(

@@ -18,7 +18,10 @@ def test_bench_smoke(tmp_path):
     out = tmp_path / "b.json"
     assert (
         bench.main(
-            ["--size", "32", "--steps", "2", "--batch", "2", "--reps", "1", "--json", str(out)]
+            [
+                *("--size", "32", "--steps", "2", "--batch", "2", "--reps", "1"),
+                *("--compare-perceive", "--json", str(out)),
+            ]
         )
         == 0
     )
@@ -31,7 +34,17 @@ def test_bench_smoke(tmp_path):
         "variance10_vmap_s",
         "variance10_loop_s",
         "variance10_s",
+        "train_step_im2col_s",
+        "speedup_im2col",
+        "predict_im2col_s",
+        "speedup_predict_im2col",
     ):
         assert d[k] > 0, k
+    assert d["speedup_im2col"] == d["train_step_s"] / d["train_step_im2col_s"]
     mc = ModelConfig(steps=2, patch=8)
     assert abs(d["train_gflops"] - bench.train_flop(mc, 2) / d["train_step_s"] / 1e9) < 1e-6
+
+
+def test_bench_refuses_jax_comparisons_with_tflite_only(tmp_path):
+    with pytest.raises(bench.ConfigError, match="not with --tflite-only"):
+        bench.main(["--tflite-only", "--tflite", "x.tflite", "--compare-perceive", "--json", "o"])

@@ -44,6 +44,9 @@ def test_file_has_the_signatures_and_no_flex_ops(exported):
     assert exported["info"]["flex_ops"] == []
     assert not [o for o in ops if o.startswith("Flex") or o == "CUSTOM"]
     assert "RANDOM_UNIFORM" in ops and "ASSIGN_VARIABLE" in ops
+    # perception as one matmul: LiteRT's XNNPACK delegate would leave a CONV_2D (or the
+    # DEPTHWISE_CONV_2D of its kernel gradient) with variable weights to a slower kernel
+    assert not {"CONV_2D", "DEPTHWISE_CONV_2D"} & set(ops)
     side = json.loads(ex.sidecar(exported["path"]).read_text())
     assert side["spec"]["size"] == 32 and side["bytes"] == exported["path"].stat().st_size
 
@@ -380,9 +383,9 @@ def test_frozen_file_predicts_as_the_trainable_one_and_holds_nothing_that_trains
     """--frozen: the same weights as constants (no variables at all), infer and sample only;
     its infer_fixed equals the trainable file's on the same masks; asking it to train is a
     one-line error naming the file; the bench times just its two signatures."""
-    from nca_jax.bench import bench_tflite
+    from nca_jax.bench import bench_tflite, bench_tflite_interleaved
     from nca_jax.device_train import TFLiteModel
-    from nca_jax.errors import DeviceError
+    from nca_jax.errors import ConfigError, DeviceError
 
     spec = dataclasses.replace(SPEC, frozen=True)
     path = tmp_path / "frozen.tflite"
@@ -390,6 +393,7 @@ def test_frozen_file_predicts_as_the_trainable_one_and_holds_nothing_that_trains
     assert info["signatures"] == ["infer", "sample", "infer_fixed"]
     assert info["flex_ops"] == []
     assert not {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE"} & set(info["ops"])
+    assert "CONV_2D" in info["ops"]  # constant filters: convolutions, which XNNPACK runs
     fns, rng = exported["fns"], np.random.default_rng(4)
     img = _nhwc(exported["data"].images[:2])
     m1, m2 = _masks(fns, False, rng)
@@ -404,5 +408,18 @@ def test_frozen_file_predicts_as_the_trainable_one_and_holds_nothing_that_trains
         "tflite_infer_s",
         "tflite_sample_s",
     }
+    # the two files against each other, calls interleaved: only what both hold is timed
+    both = bench_tflite_interleaved([str(exported["path"]), str(path)], reps=1, threads=1)
+    assert list(both) == [str(exported["path"]), str(path)]
+    assert all(set(r) == {"infer"} and r["infer"] > 0 for r in both.values())
+    other = tmp_path / "other.tflite"  # the same graph, its sidecar claiming another size
+    other.write_bytes(path.read_bytes())
+    side = json.loads(ex.sidecar(path).read_text())
+    side["spec"]["size"] = 64
+    ex.sidecar(other).write_text(json.dumps(side))
+    with pytest.raises(ConfigError, match="differ in batch or size"):
+        bench_tflite_interleaved([str(path), str(other)], reps=1)
     with pytest.raises(ex.ExportError, match="frozen"):
         dataclasses.replace(SPEC, frozen=True, signatures=("train",)).validate(exported["cfg"])
+    with pytest.raises(ex.ExportError, match="perceive must be one of"):
+        dataclasses.replace(SPEC, perceive="fft").validate(exported["cfg"])

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,7 +7,7 @@ import pytest
 from conftest import randomised_params
 
 from nca_jax import model as m
-from nca_jax.config import ModelConfig
+from nca_jax.config import ConfigError, ModelConfig
 
 
 def test_parameter_count_is_the_papers():
@@ -213,6 +215,36 @@ def test_fast_backward_equals_autodiff_of_the_flax_rule():
     got, want = jax.tree_util.tree_leaves(vjp(cot)), jax.tree_util.tree_leaves(ref_vjp(cot))
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_im2col_perception_equals_the_convolutions_in_value_and_gradient():
+    """perceive "im2col" (the TFLite export's: one matmul over the nine shifted windows) is the
+    same rule as "conv": same features, update and gradients, reflect padding included (an
+    asymmetric 5 x 7 state, so a swapped window order or axis would show)."""
+    cfg = ModelConfig(channels=6, hidden=10)
+    params = randomised_params(cfg, seed=5)["level1"]
+    state = jax.random.normal(jax.random.key(8), (2, 5, 7, 6))
+    cot = jax.random.normal(jax.random.key(9), (2, 5, 7, 6))
+    feats = m.Perceive(6).apply({"params": params["perceive"]}, state)
+    np.testing.assert_allclose(
+        m.perceive_im2col(params["perceive"], state), feats, rtol=1e-5, atol=1e-5
+    )
+    outs, grads = [], []
+    for impl in ("conv", "im2col"):
+        c = dataclasses.replace(cfg, perceive=impl)
+        out, vjp = jax.vjp(lambda p, s, c=c: m.apply_rule(p, s, c), params, state)
+        outs.append(out)
+        grads.append(jax.tree_util.tree_leaves(vjp(cot)))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[1], grads[0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_perceive_option_is_checked():
+    with pytest.raises(ConfigError, match="model.perceive must be one of"):
+        ModelConfig(perceive="fft").validate()
+    with pytest.raises(ConfigError, match="needs model.fast_backward"):
+        ModelConfig(perceive="im2col", fast_backward=False).validate()
 
 
 @pytest.mark.slow  # three compilations of a gradient
