@@ -80,10 +80,11 @@ class ExportSpec:
     # delegated, and faster than the matmul)
     perceive: str = "auto"
 
-    def perceive_impl(self) -> str:
+    def perceive_impl(self, mc: Any) -> str:
+        """The model.perceive the graph is built with, for the ModelConfig `mc`."""
         if self.perceive != "auto":
             return self.perceive
-        return "conv" if self.frozen else "im2col"
+        return "im2col" if mc.fast_backward and not self.frozen else "conv"
 
     def validate(self, cfg: RunConfig) -> None:
         mc = cfg.model
@@ -110,6 +111,8 @@ class ExportSpec:
             raise ExportError(
                 f"perceive must be one of {('auto', *PERCEIVE_IMPLS)}, got {self.perceive!r}"
             )
+        if self.perceive == "im2col" and not mc.fast_backward:
+            raise ExportError("perceive im2col needs the model's fast_backward (it is false)")
         unknown = set(self.signatures) - set(SIGNATURES)
         if unknown or not self.signatures:
             raise ExportError(f"signatures must be a non-empty subset of {SIGNATURES}")
@@ -138,7 +141,7 @@ class Functions:
     def __init__(self, cfg: RunConfig, spec: ExportSpec, params: Params):
         if cfg.model.kind == "med-nca":  # same function, computed as the spec asks
             cfg = dataclasses.replace(
-                cfg, model=dataclasses.replace(cfg.model, perceive=spec.perceive_impl())
+                cfg, model=dataclasses.replace(cfg.model, perceive=spec.perceive_impl(cfg.model))
             )
         self.cfg, self.spec, self.mc = cfg, spec, cfg.model
         flat = flatten_params(params)
@@ -531,6 +534,8 @@ def export(
         "spec": dataclasses.asdict(spec),
         "weights": flatten_names(params),
         "signatures": signature_keys(spec, cfg.model.kind),
+        # how the graph computes Med-NCA's perception (the spec may say "auto")
+        "perceive": spec.perceive_impl(cfg.model) if cfg.model.kind == "med-nca" else None,
         "ops": ops,
         "flex_ops": [o for o in ops if o.startswith("Flex") or o not in builtin_op_names()],
         "bytes": len(model),

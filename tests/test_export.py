@@ -49,6 +49,7 @@ def test_file_has_the_signatures_and_no_flex_ops(exported):
     assert not {"CONV_2D", "DEPTHWISE_CONV_2D"} & set(ops)
     side = json.loads(ex.sidecar(exported["path"]).read_text())
     assert side["spec"]["size"] == 32 and side["bytes"] == exported["path"].stat().st_size
+    assert side["perceive"] == "im2col"  # what "auto" chose for a trainable file
 
 
 def test_op_list_covers_every_subgraph(exported):
@@ -393,7 +394,7 @@ def test_frozen_file_predicts_as_the_trainable_one_and_holds_nothing_that_trains
     assert info["signatures"] == ["infer", "sample", "infer_fixed"]
     assert info["flex_ops"] == []
     assert not {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE"} & set(info["ops"])
-    assert "CONV_2D" in info["ops"]  # constant filters: convolutions, which XNNPACK runs
+    assert "CONV_2D" in info["ops"] and info["perceive"] == "conv"  # constant filters: XNNPACK
     fns, rng = exported["fns"], np.random.default_rng(4)
     img = _nhwc(exported["data"].images[:2])
     m1, m2 = _masks(fns, False, rng)
@@ -423,3 +424,10 @@ def test_frozen_file_predicts_as_the_trainable_one_and_holds_nothing_that_trains
         dataclasses.replace(SPEC, frozen=True, signatures=("train",)).validate(exported["cfg"])
     with pytest.raises(ex.ExportError, match="perceive must be one of"):
         dataclasses.replace(SPEC, perceive="fft").validate(exported["cfg"])
+    slow = dataclasses.replace(
+        exported["cfg"], model=dataclasses.replace(exported["cfg"].model, fast_backward=False)
+    )
+    with pytest.raises(ex.ExportError, match="needs the model's fast_backward"):
+        dataclasses.replace(SPEC, perceive="im2col").validate(slow)
+    assert SPEC.perceive_impl(slow.model) == "conv"  # auto: what the model computes with
+    assert SPEC.perceive_impl(exported["cfg"].model) == "im2col"
