@@ -129,6 +129,19 @@ def bench_predict(mc: ModelConfig, size: int, reps: int, samples: int = 10) -> d
     }
 
 
+def _signature_inputs(b: int, s: int) -> dict[str, dict[str, np.ndarray]]:
+    """One call's inputs per timed signature: a (b, s, s, 1) random image, a box mask."""
+    img = np.random.default_rng(0).uniform(size=(b, s, s, 1)).astype(np.float32)
+    msk = np.zeros_like(img)
+    msk[:, s // 4 : 3 * s // 4, s // 8 : s // 2] = 1
+    return {
+        "infer": {"image": img},
+        "train": {"image": img, "mask": msk},
+        "finetune": {"image": img, "target": msk, "weight": np.ones_like(img)},
+        "sample": {"image": img},
+    }
+
+
 def bench_tflite(path: str, reps: int, threads: int | None = None) -> dict[str, float]:
     """Per-call seconds of the file's signatures (LiteRT) and of the jitted JAX functions that
     do the same work (the file's model, batch and size), in this process. Times the signatures
@@ -142,16 +155,8 @@ def bench_tflite(path: str, reps: int, threads: int | None = None) -> dict[str, 
     model = TFLiteModel(path, threads)
     b, s = model.batch, model.size
     mc = ModelConfig(**model.info["config"]["model"])
-    rng = np.random.default_rng(0)
-    img = rng.uniform(size=(b, s, s, 1)).astype(np.float32)
-    msk = np.zeros_like(img)
-    msk[:, s // 4 : 3 * s // 4, s // 8 : s // 2] = 1
-    calls = {
-        "infer": {"image": img},
-        "train": {"image": img, "mask": msk},
-        "finetune": {"image": img, "target": msk, "weight": np.ones_like(img)},
-        "sample": {"image": img},
-    }
+    calls = _signature_inputs(b, s)
+    img, msk = calls["train"]["image"], calls["train"]["mask"]
     calls = {k: v for k, v in calls.items() if k in model.signatures}
     out: dict[str, float] = {
         "tflite_bytes": float(Path(path).stat().st_size),
@@ -217,17 +222,10 @@ def bench_tflite_interleaved(
     models = [TFLiteModel(p, threads) for p in paths]
     if len({(m.batch, m.size) for m in models}) != 1:
         raise ConfigError(f"{paths}: the files differ in batch or size, nothing to compare")
-    b, s = models[0].batch, models[0].size
-    rng = np.random.default_rng(0)
-    img = rng.uniform(size=(b, s, s, 1)).astype(np.float32)
-    msk = np.zeros_like(img)
-    msk[:, s // 4 : 3 * s // 4, s // 8 : s // 2] = 1
+    calls = _signature_inputs(models[0].batch, models[0].size)
     calls = {
-        "infer": {"image": img},
-        "train": {"image": img, "mask": msk},
-        "finetune": {"image": img, "target": msk, "weight": np.ones_like(img)},
+        k: v for k, v in calls.items() if k != "sample" and all(k in m.signatures for m in models)
     }
-    calls = {k: v for k, v in calls.items() if all(k in m.signatures for m in models)}
     for m in models:
         for sig, kw in calls.items():
             m.run(sig, **kw)
