@@ -93,6 +93,7 @@ NET_FIELDS = (
     "area_min_ratio",
     "area_max_ratio",
     "min_quality_gain",
+    "stray_max_ratio",
     "rollback",
 )
 # fields that choose or keep weights but do not change a fine-tuning trajectory

@@ -16,6 +16,9 @@ Conventions (masks are (H, W); a pixel is foreground when its value is truthy):
 - ``quality_score`` (M3D-NCA): sum over pixels of the per-pixel std (ddof=0) across N stochastic
   predictions divided by the sum of the per-pixel mean; higher means less trustworthy. If the mean
   sums to 0 the score is 0.0 when the std also sums to 0, else inf.
+- ``stray_share``: share of the foreground outside the two largest connected components
+  (4-connectivity: pixels that touch by an edge); 0.0 for an empty mask or one of at most two
+  components. Two lungs make two components; the rest is stray.
 """
 
 from __future__ import annotations
@@ -109,6 +112,18 @@ def quality_score(probs: np.ndarray) -> float:
     if mean_sum == 0.0:
         return 0.0 if std_sum == 0.0 else math.inf
     return std_sum / mean_sum
+
+
+def stray_share(mask: np.ndarray) -> float:
+    """Share of the foreground of mask (H, W) outside its two largest 4-connected components."""
+    m = _as_mask(mask)
+    if m.ndim != 2:
+        raise ValueError(f"expected a mask of shape (H, W), got {m.shape}")
+    labels, n = ndimage.label(m)
+    if n <= 2:
+        return 0.0
+    sizes = np.sort(np.bincount(labels.ravel())[1:])[::-1]
+    return float(sizes[2:].sum() / sizes.sum())
 
 
 def foreground_fraction(probs: np.ndarray, reduce: str = "median") -> float:

@@ -9,7 +9,7 @@ import pytest
 from nca_jax.config import ConfigError, FinetuneConfig
 from nca_jax.guard import VERDICTS, choose, judge, label_free_check, verdict_line
 
-SOURCE = {"area": 0.25, "quality": 0.20, "agreement": 0.90}
+SOURCE = {"area": 0.25, "quality": 0.20, "agreement": 0.90, "stray": 0.10}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def test_label_free_check_exact_values_on_a_tiny_input():
     assert c["quality"] == pytest.approx((p.std() / p.mean() + 0.0) / 2)
     # image 0 pairs: (1,1) dice 1, (1,0) 0, (1,0) 0 -> 1/3; image 1: all empty -> 1
     assert c["agreement"] == pytest.approx((1 / 3 + 1) / 2)
+    assert c["stray"] == 0.0  # one pixel: one part, nothing outside the two largest
     with pytest.raises(ValueError, match="S >= 2"):
         label_free_check(probs[:1])
 
@@ -55,6 +56,29 @@ def test_judge_catches_collapse_and_flood_and_no_gain():
     assert len(worse) == 1 and "quality score" in worse[0]
     strict = FinetuneConfig(min_quality_gain=0.6)
     assert judge({"area": 0.25, "quality": 0.1, "agreement": 1}, SOURCE, strict)
+
+
+def test_label_free_check_stray_is_of_the_median_mask():
+    probs = np.zeros((3, 1, 8, 8))
+    probs[:, 0, 0:3, 0:3] = 1.0  # 9 px in every sample
+    probs[:, 0, 0:3, 5:8] = 1.0  # 9 px
+    probs[:2, 0, 6, 6] = 1.0  # a fragment in 2 of 3 samples: in the median
+    probs[:1, 0, 7, 0] = 1.0  # in 1 of 3: not in the median
+    assert label_free_check(probs)["stray"] == pytest.approx(1 / 19)
+
+
+def test_judge_rejects_more_stray_fragments_than_the_source():
+    fc = FinetuneConfig()
+    base = {"area": 0.25, "quality": 0.15, "agreement": 0.95}
+    assert judge({**base, "stray": 0.10}, SOURCE, fc) == []
+    why = judge({**base, "stray": 0.11}, SOURCE, fc)
+    assert len(why) == 1 and "stray share 11.00%" in why[0] and "10.00%" in why[0]
+    assert judge({**base, "stray": 0.11}, SOURCE, FinetuneConfig(stray_max_ratio=1.2)) == []
+    assert judge({**base, "stray": 0.9}, SOURCE, FinetuneConfig(stray_max_ratio=math.inf)) == []
+    clean = {**SOURCE, "stray": 0.0}  # a clean source: a few stray pixels are tolerated
+    assert judge({**base, "stray": 0.0009}, clean, fc) == []
+    assert judge({**base, "stray": 0.002}, clean, fc)
+    assert judge(base, SOURCE, fc) == []  # a check recorded before stray existed
 
 
 def test_choose_keeps_the_latest_acceptable_check_or_rolls_back():
@@ -85,6 +109,8 @@ def test_choose_keeps_the_latest_acceptable_check_or_rolls_back():
         ("method", "tent"),
         ("update", "some"),
         ("check_samples", 1),
+        ("stray_max_ratio", -0.5),
+        ("stray_max_ratio", math.nan),
     ],
 )
 def test_bad_guard_and_method_fields_are_config_errors(field, value):

@@ -14,6 +14,7 @@ from nca_jax.metrics import (
     hd95,
     quality_score,
     soft_dice,
+    stray_share,
     summarize,
 )
 
@@ -241,3 +242,17 @@ def test_foreground_fraction_exact_values():
         foreground_fraction(np.zeros((3, 3)))
     with pytest.raises(ValueError, match="reduce"):
         foreground_fraction(probs, "max")
+
+
+def test_stray_share_counts_the_foreground_outside_the_two_largest_parts():
+    m = np.zeros((12, 12), bool)
+    m[1:6, 1:5] = True  # 20 px: one lung
+    m[1:6, 7:11] = True  # 20 px: the other
+    assert stray_share(m) == 0.0
+    m[9, 9] = m[10, 10] = True  # two 1-px fragments, touching only by a corner: 2 parts
+    assert stray_share(m) == pytest.approx(2 / 42)
+    m[9, 10] = True  # now one 3-px fragment (edge-connected)
+    assert stray_share(m) == pytest.approx(3 / 43)
+    assert stray_share(np.zeros((4, 4))) == 0.0
+    with pytest.raises(ValueError, match="H, W"):
+        stray_share(np.zeros((2, 4, 4)))
