@@ -6,7 +6,8 @@ probe computes candidate figures on snapshots of finished runs, on the first --i
 fine-tuning images of the target site (the images the run adapted to; the method never read
 their labels), and beside them the Dice on those same images' labels, which this probe reads
 for one purpose: to say which figure tracks Dice. The test images are not touched, so choosing
-a criterion here is not tuning on the test split.
+a criterion here is not tuning on the test split. Run it with several --seed values: a figure
+that tracks Dice under one set of sampling keys may not under another (session 12).
 
 Candidates, per snapshot (means over images):
   area, quality, agreement   the safety net's checks (nca_jax/guard.py), --samples predictions
@@ -127,7 +128,7 @@ ORIENTATION = {
 }
 
 
-def markdown(rows: list[dict[str, Any]], images: int, samples: int) -> str:
+def markdown(rows: list[dict[str, Any]], images: int, samples: int, seed: int) -> str:
     """The probe's rows -> results/label_free_probe.md: per run, each figure's change from the
     source; then, per figure, in how many snapshots it moved the way the Dice moved."""
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -141,7 +142,9 @@ def markdown(rows: list[dict[str, Any]], images: int, samples: int) -> str:
         f"the target images each run adapted to, {samples} stochastic predictions (area, "
         "quality, agreement, the shape figures) and one prediction per transformed view (tta). "
         "`dev_dice` reads those images' labels, which the fine-tuning never read, to judge the "
-        "figures; the test images are not used here. Epoch 0 = the source model.",
+        "figures; the test images are not used here. Epoch 0 = the source model. Sampling "
+        f"keys from seed {seed}: the figures are noisy across keys (results/README.md, "
+        "session 12), so one seed's tally is not evidence on its own.",
         "",
     ]
     tally = {k: [0, 0] for k in ORIENTATION}
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             sys.stdout.flush()
     md = out.with_suffix(".md")
-    md.write_text(markdown(rows, a.images, a.samples))
+    md.write_text(markdown(rows, a.images, a.samples, a.seed))
     print(f"wrote {md}")
     return 0
 

@@ -93,8 +93,8 @@ NET_FIELDS = (
     "area_min_ratio",
     "area_max_ratio",
     "min_quality_gain",
-    "stray_max_ratio",
     "rollback",
+    "keep",
 )
 # fields that choose or keep weights but do not change a fine-tuning trajectory
 SELECTION_FIELDS = (
@@ -486,8 +486,8 @@ def collect(st: Study, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                                 "dice": ranked[e]["dice_mean"],
                                 **{
                                     f"check_{x}": checks[e][x]
-                                    for x in ("area", "quality", "agreement", "acceptable")
-                                    if e in checks
+                                    for x in ("area", "quality", "agreement", "stray", "acceptable")
+                                    if e in checks and x in checks[e]  # stray: session 12 on
                                 },
                             }
                             for e in sorted(ranked)
@@ -647,6 +647,8 @@ def spread_lines(curves: list[dict]) -> list[str]:
             f"- {c['run']}: spread {sc['quality']:.4f} (source) -> {last['check_quality']:.4f} "
             f"(epoch {last['epoch']}, {last['check_quality'] / sc['quality'] - 1:+.0%})"
         )
+        if "stray" in sc and "check_stray" in last:
+            line += f"; stray {sc['stray']:.2%} -> {last['check_stray']:.2%}"
         if d0 is not None:
             line += f"; Dice {d0:.3f} -> {last['dice']:.3f}"
             if len(q) >= 3 and np.std(q) > 0 and np.std(d) > 0:
@@ -658,7 +660,8 @@ def spread_lines(curves: list[dict]) -> list[str]:
     return [
         "What the variance maps show (their mean over the checked target images, 'quality'; "
         "VWSL's consistency term lowers it by construction, so a lower spread alone does not "
-        "show that adaptation helped):",
+        "show that adaptation helped; nor does the stray share, results/README.md, "
+        "session 12):",
         "",
         *out,
         "",
@@ -712,7 +715,8 @@ def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
         out += [
             f"Per run: target test Dice ({curves[0]['oracle_samples']} samples, labels "
             "used for reference only) and the label-free checks at each kept epoch "
-            "(area = predicted lung share, quality = sample spread, lower is surer).",
+            "(area = predicted lung share, quality = sample spread, lower is surer; stray = "
+            "share of the mask outside its two largest parts).",
             "",
         ]
         shown: dict[str, list] = {}
@@ -726,7 +730,8 @@ def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
             if sc:
                 head_ += (
                     f" (source: area {sc['area']:.1%}, quality {sc['quality']:.4f}, "
-                    f"agreement {sc['agreement']:.3f})"
+                    f"agreement {sc['agreement']:.3f}"
+                    + (f", stray {sc['stray']:.2%})" if "stray" in sc else ")")
                 )
             t0, t1 = c["terms_first_epoch"], c["terms_last_epoch"]
             if "term_seg" in t0 and "term_cons1" in t0:
@@ -740,8 +745,8 @@ def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
             out += [
                 head_,
                 "",
-                "| epoch | Dice | area | quality | agreement | acceptable |",
-                "|---|---|---|---|---|---|",
+                "| epoch | Dice | area | quality | agreement | stray | acceptable |",
+                "|---|---|---|---|---|---|---|",
             ]
             for pt in c["points"]:
 
@@ -751,7 +756,7 @@ def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
                 out.append(
                     f"| {pt['epoch']} | {pt['dice']:.3f} | {f('check_area', '.1%')} | "
                     f"{f('check_quality', '.4f')} | {f('check_agreement', '.3f')} | "
-                    f"{pt.get('check_acceptable', '')} |"
+                    f"{f('check_stray', '.2%')} | {pt.get('check_acceptable', '')} |"
                 )
             out.append("")
     out += spread_lines(curves)

@@ -156,10 +156,10 @@ class FinetuneConfig:
     batch-norm scale and shift change). The safety net (check_every > 0): every check_every
     epochs the model predicts check_samples samples of the first check_images images; a check
     is acceptable when its predicted lung share stays within [area_min_ratio, area_max_ratio]
-    of the source model's share, its quality score (sample spread) is at most
-    (1 - min_quality_gain) x the source's and its stray share (foreground outside the two
-    largest components) at most stray_max_ratio x the source's. The last acceptable check is
-    kept; with none, the run rolls back to the source weights (rollback=True)."""
+    of the source model's share and its quality score (sample spread) is at most
+    (1 - min_quality_gain) x the source's. The last acceptable check is kept
+    (keep='until-failure': the last one before the first unacceptable check); with none, the
+    run rolls back to the source weights (rollback=True)."""
 
     method: str = "vwsl"
     update: str = "all"  # parameters that change: "all", or "norm" (batch-norm scale, shift)
@@ -192,8 +192,10 @@ class FinetuneConfig:
     area_min_ratio: float = 0.8  # predicted lung share / source share must stay in this band
     area_max_ratio: float = 1.25
     min_quality_gain: float = 0.0  # quality score must fall at least by this fraction
-    stray_max_ratio: float = 1.0  # stray share / source's must not exceed this (inf: no rule)
     rollback: bool = True  # no acceptable check -> weights.npz = the source weights
+    # which acceptable check is kept: "latest" of all, or "until-failure": the latest before the
+    # first unacceptable one (a stop rule: once a check fails, later recoveries are not trusted)
+    keep: str = "latest"
     source_run: str = ""  # the run it starts from (for the record)
 
     def validate(self) -> None:
@@ -208,11 +210,8 @@ class FinetuneConfig:
             "area_max_ratio",
             "min_quality_gain",
             "focal_gamma",
-            "stray_max_ratio",
         ):
             v = getattr(self, name)
-            if name == "stray_max_ratio" and v == math.inf:
-                continue  # the rule switched off
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise ConfigError(f"finetune.{name} must be finite and >= 0, got {v}")
         if self.method not in FINETUNE_METHODS:
@@ -222,6 +221,10 @@ class FinetuneConfig:
         if self.gamma_rule not in ("fixed", "balance"):
             raise ConfigError(
                 f"finetune.gamma_rule must be 'fixed' or 'balance', got {self.gamma_rule!r}"
+            )
+        if self.keep not in ("latest", "until-failure"):
+            raise ConfigError(
+                f"finetune.keep must be 'latest' or 'until-failure', got {self.keep!r}"
             )
         if self.update not in ("all", "norm"):
             raise ConfigError(f"finetune.update must be 'all' or 'norm', got {self.update!r}")

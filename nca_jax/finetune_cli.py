@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="keep the last check's weights even when no check is acceptable",
     )
+    p.add_argument(
+        "--keep",
+        choices=["latest", "until-failure"],
+        help="which acceptable check's weights: the latest, or the latest before the first "
+        "check that fails",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true")
     p.add_argument(
@@ -91,6 +97,7 @@ def build_config(a: argparse.Namespace) -> FinetuneConfig:
         "update": a.update,
         "check_every": a.check_every,
         "rollback": False if a.no_rollback else None,
+        "keep": a.keep,
     }
     fc = dataclasses.replace(
         base, **{k: v for k, v in over.items() if v is not None}, source_run=str(a.run)

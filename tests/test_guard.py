@@ -67,20 +67,6 @@ def test_label_free_check_stray_is_of_the_median_mask():
     assert label_free_check(probs)["stray"] == pytest.approx(1 / 19)
 
 
-def test_judge_rejects_more_stray_fragments_than_the_source():
-    fc = FinetuneConfig()
-    base = {"area": 0.25, "quality": 0.15, "agreement": 0.95}
-    assert judge({**base, "stray": 0.10}, SOURCE, fc) == []
-    why = judge({**base, "stray": 0.11}, SOURCE, fc)
-    assert len(why) == 1 and "stray share 11.00%" in why[0] and "10.00%" in why[0]
-    assert judge({**base, "stray": 0.11}, SOURCE, FinetuneConfig(stray_max_ratio=1.2)) == []
-    assert judge({**base, "stray": 0.9}, SOURCE, FinetuneConfig(stray_max_ratio=math.inf)) == []
-    clean = {**SOURCE, "stray": 0.0}  # a clean source: a few stray pixels are tolerated
-    assert judge({**base, "stray": 0.0009}, clean, fc) == []
-    assert judge({**base, "stray": 0.002}, clean, fc)
-    assert judge(base, SOURCE, fc) == []  # a check recorded before stray existed
-
-
 def test_choose_keeps_the_latest_acceptable_check_or_rolls_back():
     fc = FinetuneConfig()
     good = {"area": 0.26, "quality": 0.15, "agreement": 0.95}
@@ -98,6 +84,18 @@ def test_choose_keeps_the_latest_acceptable_check_or_rolls_back():
     assert choose([], SOURCE, fc)["verdict"] == "rolled back"
 
 
+def test_keep_until_failure_does_not_trust_a_recovery_after_a_failed_check():
+    good = {"area": 0.26, "quality": 0.15, "agreement": 0.95, "stray": 0.05}
+    bad = {**good, "area": 0.01}
+    checks = [{"epoch": 20, **good}, {"epoch": 40, **bad}, {"epoch": 60, **good}]
+    assert choose(checks, SOURCE, FinetuneConfig())["epoch"] == 60
+    d = choose(checks, SOURCE, FinetuneConfig(keep="until-failure"))
+    assert d["verdict"] == "adapted" and d["epoch"] == 20
+    assert "before the first check" in d["criterion"]["rule"]
+    d = choose(checks[1:], SOURCE, FinetuneConfig(keep="until-failure"))
+    assert d["verdict"] == "rolled back" and d["epoch"] is None
+
+
 @pytest.mark.parametrize(
     "field, value",
     [
@@ -109,8 +107,7 @@ def test_choose_keeps_the_latest_acceptable_check_or_rolls_back():
         ("method", "tent"),
         ("update", "some"),
         ("check_samples", 1),
-        ("stray_max_ratio", -0.5),
-        ("stray_max_ratio", math.nan),
+        ("keep", "best"),
     ],
 )
 def test_bad_guard_and_method_fields_are_config_errors(field, value):
