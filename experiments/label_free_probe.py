@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from scipy import ndimage
 
 from experiments.common import FINETUNE_SPLIT, head
 from nca_jax import checkpoint as ckpt
-from nca_jax.config import load_config
+from nca_jax.config import atomic_write_text, load_config
 from nca_jax.data import load_split
 from nca_jax.guard import label_free_check
 from nca_jax.metrics import dice, stray_share
@@ -233,15 +232,13 @@ def main(argv: list[str] | None = None) -> int:
             fig, _ = figures(probs, views, data.masks, src_masks)
             row = {"run": run.name, "target": tgt, "epoch": e, **fig, "wall_s": time.time() - t0}
             rows.append(row)
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rows, indent=1) + "\n")
-            os.replace(tmp, out)
+            atomic_write_text(out, json.dumps(rows, indent=1) + "\n")
             print(
                 json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             )
             sys.stdout.flush()
     md = out.with_suffix(".md")
-    md.write_text(markdown(rows, a.images, a.samples, a.seed))
+    atomic_write_text(md, markdown(rows, a.images, a.samples, a.seed))
     print(f"wrote {md}")
     return 0
 
