@@ -171,13 +171,17 @@ def test_finetune_cli_ends_with_the_verdict_line(tiny_run, tmp_path, capsys):
         "2",
         "--batch-size",
         "2",
+        "--keep",
+        "until-failure",
         "--no-progress",
     ]
     assert finetune_cli.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     run = json.loads((out / "run.json").read_text())
     assert run["verdict"] in VERDICTS and last.startswith(run["verdict"] + ":")
-    assert run["verdict_line"] == last and "rule" in run["criterion"]
+    assert run["verdict_line"] == last and "before the first check" in run["criterion"]["rule"]
+    assert json.loads((out / "config.json").read_text())["finetune"]["keep"] == "until-failure"
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert "check_area" in rows[-1] and "term_seg" in rows[-1] and "term_cons1" in rows[-1]
+    assert 0.0 <= rows[-1]["check_stray"] <= 1.0
     assert (out / "snapshots" / "epoch0002.npz").exists()
