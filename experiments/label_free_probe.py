@@ -48,7 +48,7 @@ from nca_jax import checkpoint as ckpt
 from nca_jax.config import atomic_write_text, load_config
 from nca_jax.data import load_split
 from nca_jax.guard import label_free_check
-from nca_jax.metrics import dice, stray_share
+from nca_jax.metrics import dice
 from nca_jax.predict import make_predict, predict_dataset
 
 SHIFT = 12  # pixels, down and right
@@ -83,21 +83,20 @@ def back(masks: np.ndarray, name: str) -> tuple[np.ndarray, tuple[slice, slice]]
 
 
 def shape_figures(mask: np.ndarray) -> dict[str, float]:
-    """(H, W) bool -> components, stray share (nca_jax.metrics.stray_share), hole share."""
+    """(H, W) bool -> components, hole share (the stray share comes with label_free_check)."""
     _, n = ndimage.label(mask)
     if n == 0:
-        return {"components": 0.0, "stray": 0.0, "holes": 0.0}
-    stray = stray_share(mask)
+        return {"components": 0.0, "holes": 0.0}
     filled = ndimage.binary_fill_holes(mask)
     holes = float((filled.sum() - mask.sum()) / max(filled.sum(), 1))
-    return {"components": float(n), "stray": stray, "holes": holes}
+    return {"components": float(n), "holes": holes}
 
 
 def figures(
     probs: np.ndarray, views: dict[str, np.ndarray], labels: np.ndarray, source_masks: np.ndarray
-) -> tuple[dict[str, float], np.ndarray]:
+) -> dict[str, float]:
     """probs (S, N, H, W) of the images; views {name: (N, H, W) probabilities on that view};
-    labels (N, H, W) -> (figures, median masks (N, H, W))."""
+    labels (N, H, W) -> the figures (the safety net's check, stray included, and the rest)."""
     out: dict[str, float] = dict(label_free_check(probs))
     med = np.median(probs, axis=0) > 0.5
     tt = []
@@ -108,11 +107,11 @@ def figures(
         tt.append(v)
     out["tta"] = float(np.mean(tt))
     shp = [shape_figures(m) for m in med]
-    for k in ("components", "stray", "holes"):
+    for k in ("components", "holes"):
         out[k] = float(np.mean([s[k] for s in shp]))
     out["to_source"] = float(np.mean([dice(a, b) for a, b in zip(med, source_masks, strict=True)]))
     out["dev_dice"] = float(np.mean([dice(a, b) for a, b in zip(med, labels, strict=True)]))
-    return out, med
+    return out
 
 
 # figures whose better direction is known: +1 higher is better, -1 lower is better
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             views = {
                 v: predict_dataset(pred_1, params, view(data.images, v), key)[0] for v in VIEWS
             }
-            fig, _ = figures(probs, views, data.masks, src_masks)
+            fig = figures(probs, views, data.masks, src_masks)
             row = {"run": run.name, "target": tgt, "epoch": e, **fig, "wall_s": time.time() - t0}
             rows.append(row)
             atomic_write_text(out, json.dumps(rows, indent=1) + "\n")
