@@ -82,6 +82,22 @@ def back(masks: np.ndarray, name: str) -> tuple[np.ndarray, tuple[slice, slice]]
     return masks, full
 
 
+def other_site(site: str) -> str:
+    """The other of the two sites."""
+    return "shenzhen" if site == "montgomery" else "montgomery"
+
+
+def source_weights(protocol: str | Path, work: str | Path, site: str) -> Path:
+    """The weights file of the source model trained on `site`, as the VWSL protocol names it (a
+    committed run's file, or the study's own source unit under `work`)."""
+    s = json.loads(Path(protocol).read_text())["sources"][site]
+    return (
+        Path(s["run"]) / s["weights"]
+        if "run" in s
+        else Path(work) / f"source-{site}" / "weights.npz"
+    )
+
+
 def shape_figures(mask: np.ndarray) -> dict[str, float]:
     """(H, W) bool -> components, hole share (the stray share comes with label_free_check)."""
     _, n = ndimage.label(mask)
@@ -204,13 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             load_split(Path(a.data) / tgt, Path(a.splits) / f"{FINETUNE_SPLIT[tgt]}.txt"),
             a.images,
         )
-        src = "shenzhen" if tgt == "montgomery" else "montgomery"
-        s = json.loads(Path(a.protocol).read_text())["sources"][src]
-        src_w = (
-            Path(s["run"]) / s["weights"]
-            if "run" in s
-            else Path(a.work) / f"source-{src}" / "weights.npz"
-        )
+        src_w = source_weights(a.protocol, a.work, other_site(tgt))
         epochs = [int(e) for e in eps.split(",")] if eps else [0]
         if all((run.name, e) in done for e in epochs):
             continue

@@ -4,6 +4,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments.capture_experiment import CaptureProtocol
@@ -646,3 +647,28 @@ def test_rollout_vjp_prototype_gives_autodiffs_gradients():
     scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(a))
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         assert float(jnp.max(jnp.abs(x - y))) <= 1e-5 * scale
+
+
+def test_source_val_probe_scores_the_median_mask_and_tallies_agreement():
+    """median_dice thresholds the per-pixel median of the samples (not each sample); the table
+    compares each snapshot with epoch 0 of the same run and key seed."""
+    from experiments.source_val_probe import markdown, median_dice
+
+    probs = np.zeros((3, 1, 2, 2))
+    probs[:, 0, 0, 0] = [0.9, 0.8, 0.1]  # median 0.8: in the mask
+    probs[:, 0, 0, 1] = [0.9, 0.1, 0.1]  # median 0.1: out
+    labels = np.array([[[1, 1], [0, 0]]], bool)
+    assert median_dice(probs, labels) == pytest.approx(2 * 1 / (1 + 2))
+
+    rows = [
+        {"run": "r", "seed": 0, "epoch": 0, "dev_dice": 0.80, "src_dice": 0.90},
+        {"run": "r", "seed": 0, "epoch": 20, "dev_dice": 0.78, "src_dice": 0.89},  # both down
+        {"run": "r", "seed": 0, "epoch": 40, "dev_dice": 0.82, "src_dice": 0.88},  # opposite
+        {"run": "r", "seed": 1, "epoch": 0, "dev_dice": 0.70, "src_dice": 0.50},
+        {"run": "r", "seed": 1, "epoch": 20, "dev_dice": 0.71, "src_dice": 0.51},  # both up
+    ]
+    md = markdown(rows, images=1, samples=3, seeds=[0, 1])
+    assert "| r | 0 | 20 | 0.7800 | 0.8900 | -2.00 | -1.00 | yes |" in md
+    assert "| r | 0 | 40 | 0.8200 | 0.8800 | +2.00 | -2.00 | no |" in md
+    assert "| r | 1 | 20 | 0.7100 | 0.5100 | +1.00 | +1.00 | yes |" in md
+    assert "in 2 of 3 snapshots" in md
