@@ -46,6 +46,11 @@ def median_dice(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean([dice(m, y) for m, y in zip(med, labels, strict=True)]))
 
 
+def target_of(run: str) -> str:
+    """'ft-<method>-<source>-to-<target>-s<seed>' -> the target site."""
+    return run.split("-to-")[-1].rsplit("-s", 1)[0]
+
+
 def markdown(rows: list[dict[str, Any]], images: int, samples: int, seeds: list[int]) -> str:
     """Rows -> a table per run (changes from the source, epoch 0) and the tally: in how many
     snapshots src_dice moved the way dev_dice moved."""
@@ -62,9 +67,18 @@ def markdown(rows: list[dict[str, Any]], images: int, samples: int, seeds: list[
     ]
     hit = n = 0
     for r in sorted(rows, key=lambda r: (r["run"], r["seed"], r["epoch"])):
-        src = next(
-            x for x in rows if x["run"] == r["run"] and x["seed"] == r["seed"] and x["epoch"] == 0
-        )
+        # epoch 0 is the source model: a run probed without it borrows another run's epoch 0
+        # with the same target site and key (the same weights, images and key: the same row)
+        same = [
+            x
+            for x in rows
+            if x["epoch"] == 0
+            and x["seed"] == r["seed"]
+            and target_of(x["run"]) == target_of(r["run"])
+        ]
+        if not same:
+            raise ValueError(f"{r['run']}: no epoch-0 row for its target site and key seed")
+        src = min(same, key=lambda x: x["run"] != r["run"])
         dd = 100 * (r["dev_dice"] - src["dev_dice"])
         ds = 100 * (r["src_dice"] - src["src_dice"])
         agree = ""
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if all((run.name, a.seed, e) in done for e in epochs):
             continue
         cfg = load_config(run / "config.json")
-        tgt = "montgomery" if "to-montgomery" in run.name else "shenzhen"
+        tgt = target_of(run.name)
         src = other_site(tgt)
         dev = head(
             load_split(Path(a.data) / tgt, Path(a.splits) / f"{FINETUNE_SPLIT[tgt]}.txt"),

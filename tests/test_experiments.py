@@ -672,3 +672,30 @@ def test_source_val_probe_scores_the_median_mask_and_tallies_agreement():
     assert "| r | 0 | 40 | 0.8200 | 0.8800 | +2.00 | -2.00 | no |" in md
     assert "| r | 1 | 20 | 0.7100 | 0.5100 | +1.00 | +1.00 | yes |" in md
     assert "in 2 of 3 snapshots" in md
+
+
+def test_source_val_probe_borrows_epoch_0_only_from_the_same_target_and_key():
+    from experiments.source_val_probe import markdown, target_of
+
+    a, b = "ft-vwsl-authors-shenzhen-to-montgomery-s0", "ft-pseudo-label-shenzhen-to-montgomery-s2"
+    assert target_of(a) == target_of(b) == "montgomery"
+    assert target_of("ft-entropy-montgomery-to-shenzhen-s1") == "shenzhen"
+    rows = [
+        {"run": a, "seed": 0, "epoch": 0, "dev_dice": 0.5, "src_dice": 0.9},
+        {"run": b, "seed": 0, "epoch": 100, "dev_dice": 0.4, "src_dice": 0.8},
+    ]
+    assert f"| {b} | 0 | 100 | 0.4000 | 0.8000 | -10.00 | -10.00 | yes |" in markdown(
+        rows, 1, 1, [0]
+    )
+    other = [
+        {
+            "run": "ft-x-montgomery-to-shenzhen-s0",
+            "seed": 0,
+            "epoch": 0,
+            "dev_dice": 0.5,
+            "src_dice": 0.9,
+        },
+        rows[1],
+    ]
+    with pytest.raises(ValueError, match="no epoch-0 row"):
+        markdown(other, 1, 1, [0])
