@@ -13,6 +13,11 @@ Per snapshot of a finished fine-tuning run, with the same sampling key for every
             labels the fine-tuning never read: used here only to judge the criterion
 Test images are not used, so nothing here tunes on the test split.
 
+Finding (session 13, results/README.md): it reads the same under two key sets and falls in the
+harmful run, but with all 50 images it falls almost as far in a helpful run (-0.20 against
+-0.23 points) and five times further in a harmless one: it measures forgetting of the source
+site, not harm on the new one, so the safety net does not use it.
+
 Usage:
     python experiments/source_val_probe.py --out results/source_val_probe.json \
         --run RUN[:EPOCHS] ... [--images 25] [--samples 1] [--seed 0]
@@ -57,10 +62,10 @@ def markdown(rows: list[dict[str, Any]], images: int, samples: int, seeds: list[
     out = [
         "# Does the source site's validation Dice detect harm? (issue 14)",
         "",
-        f"`experiments/source_val_probe.py`: {images} source-site validation images (src_dice) "
-        f"and {images} of the images each run adapted to (dev_dice, labels read only to judge), "
-        f"median of {samples} prediction(s), one sampling key per seed for every snapshot. "
-        "Changes are in Dice points against epoch 0 (the source model), same key.",
+        f"`experiments/source_val_probe.py`: up to {images} source-site validation images "
+        f"(src_dice) and {images} of the images each run adapted to (dev_dice, labels read "
+        f"only to judge), median of {samples} prediction(s), one sampling key per seed for "
+        "every snapshot. Changes are in Dice points against epoch 0 (the source model), same key.",
         "",
         "| run | key seed | epoch | dev_dice | src_dice | d dev | d src | agree |",
         "|---|---|---|---|---|---|---|---|",
