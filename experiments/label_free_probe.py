@@ -87,6 +87,28 @@ def other_site(site: str) -> str:
     return "shenzhen" if site == "montgomery" else "montgomery"
 
 
+def target_of(run: str) -> str:
+    """'ft-<method>-<source>-to-<target>-s<seed>' -> the target site."""
+    return run.split("-to-")[-1].rsplit("-s", 1)[0]
+
+
+def probe_parser(doc: str | None, images: int, samples: int) -> argparse.ArgumentParser:
+    """The command line the probes of finished fine-tuning runs share (--run RUN[:EPOCHS],
+    --out, --markdown-only, --images, --samples, --seed and where data and sources are)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--run", nargs="+", default=[], help="RUN[:EPOCHS], e.g. ft-x:0,20,100")
+    ap.add_argument("--markdown-only", action="store_true", help="write the .md from --out")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--images", type=int, default=images)
+    ap.add_argument("--samples", type=int, default=samples)
+    ap.add_argument("--data", default="../shared/data/cxr")
+    ap.add_argument("--splits", default="results/splits")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--protocol", default="configs/vwsl_cpu.json", help="names the sources")
+    ap.add_argument("--work", default="results/vwsl_units")
+    return ap
+
+
 def source_weights(protocol: str | Path, work: str | Path, site: str) -> Path:
     """The weights file of the source model trained on `site`, as the VWSL protocol names it (a
     committed run's file, or the study's own source unit under `work`)."""
@@ -194,18 +216,7 @@ def markdown(rows: list[dict[str, Any]], images: int, samples: int, seed: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--run", nargs="+", default=[], help="RUN[:EPOCHS], e.g. ft-x:0,20,100")
-    ap.add_argument("--markdown-only", action="store_true", help="write the .md from --out")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--images", type=int, default=16)
-    ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--data", default="../shared/data/cxr")
-    ap.add_argument("--splits", default="results/splits")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--protocol", default="configs/vwsl_cpu.json", help="names the sources")
-    ap.add_argument("--work", default="results/vwsl_units")
-    a = ap.parse_args(argv)
+    a = probe_parser(__doc__, images=16, samples=4).parse_args(argv)
 
     out = Path(a.out)
     rows: list[dict[str, Any]] = json.loads(out.read_text()) if out.exists() else []
@@ -215,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         path, _, eps = spec.partition(":")
         run = Path(path)
         cfg = load_config(run / "config.json")
-        tgt = "montgomery" if "to-montgomery" in run.name else "shenzhen"
+        tgt = target_of(run.name)
         data = head(
             load_split(Path(a.data) / tgt, Path(a.splits) / f"{FINETUNE_SPLIT[tgt]}.txt"),
             a.images,

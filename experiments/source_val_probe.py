@@ -26,7 +26,6 @@ Rows already in --out are kept (the command resumes); --markdown-only rewrites t
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -37,7 +36,7 @@ import jax
 import numpy as np
 
 from experiments.common import FINETUNE_SPLIT, head
-from experiments.label_free_probe import other_site, source_weights
+from experiments.label_free_probe import other_site, probe_parser, source_weights, target_of
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import atomic_write_text, load_config
 from nca_jax.data import load_split
@@ -49,11 +48,6 @@ def median_dice(probs: np.ndarray, labels: np.ndarray) -> float:
     """probs (S, N, H, W), labels (N, H, W) -> mean Dice of each image's median mask."""
     med = np.median(probs, axis=0) > 0.5
     return float(np.mean([dice(m, y) for m, y in zip(med, labels, strict=True)]))
-
-
-def target_of(run: str) -> str:
-    """'ft-<method>-<source>-to-<target>-s<seed>' -> the target site."""
-    return run.split("-to-")[-1].rsplit("-s", 1)[0]
 
 
 def markdown(rows: list[dict[str, Any]], images: int, samples: int, seeds: list[int]) -> str:
@@ -100,18 +94,7 @@ def markdown(rows: list[dict[str, Any]], images: int, samples: int, seeds: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--run", nargs="+", default=[], help="RUN[:EPOCHS], e.g. ft-x:0,20,100")
-    ap.add_argument("--markdown-only", action="store_true", help="write the .md from --out")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--images", type=int, default=25)
-    ap.add_argument("--samples", type=int, default=1)
-    ap.add_argument("--data", default="../shared/data/cxr")
-    ap.add_argument("--splits", default="results/splits")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--protocol", default="configs/vwsl_cpu.json", help="names the sources")
-    ap.add_argument("--work", default="results/vwsl_units")
-    a = ap.parse_args(argv)
+    a = probe_parser(__doc__, images=25, samples=1).parse_args(argv)
 
     out = Path(a.out)
     rows: list[dict[str, Any]] = json.loads(out.read_text()) if out.exists() else []
