@@ -668,6 +668,22 @@ def spread_lines(curves: list[dict]) -> list[str]:
     ]
 
 
+def accelerator_lines(rows: list[dict]) -> list[str]:
+    """A blank line and one sentence naming every run fine-tuned off this CPU (direction and
+    seed: the other seeds of a method may have run here), or nothing when all ran here."""
+    elsewhere = sorted(
+        {
+            (r["device"], r["method"], r["train_site"], r["test_site"], r["seed"])
+            for r in rows
+            if r.get("device", "cpu") not in ("cpu", None)
+        }
+    )
+    if not elsewhere:
+        return []
+    runs = ", ".join(f"{m} {s} -> {t} seed {sd} on {d}" for d, m, s, t, sd in elsewhere)
+    return ["", f"Fine-tuned on an accelerator (same protocol; wall times are its own): {runs}."]
+
+
 def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
     out = ["# Fine-tuning on an unlabelled new site (issue 14)", ""]
     out.append(
@@ -704,12 +720,7 @@ def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
             f"| {s} | {t} | {m} | {n_img or ''} | {sel}{extra} | {np.mean(v):.3f} ± "
             f"{np.std(v):.3f} ({each}) | {delta} | {len(v)} |"
         )
-    elsewhere = sorted(
-        {(r["device"], r["method"]) for r in rows if r.get("device", "cpu") != "cpu"}
-    )
-    if elsewhere:
-        out += ["", "Fine-tuned on an accelerator (same protocol; wall times are its own): "]
-        out[-1] += ", ".join(f"{m} on {d}" for d, m in elsewhere) + "."
+    out += accelerator_lines(rows)
     out += [""] + acceptance(rows, p)
     if curves:
         out += [

@@ -604,6 +604,30 @@ def test_vwsl_study_takes_contract_rows_of_captures_and_judges_the_bars(tmp_path
     assert "| 3 | +1.07 | -0.60 | no |" in "\n".join(acceptance(rows, p))
 
 
+def test_vwsl_study_names_each_run_fine_tuned_on_an_accelerator():
+    """Runs fine-tuned off this CPU are named with their direction and seed, once each (all
+    selections of a run share its device); a table of CPU runs says nothing."""
+    from experiments.vwsl_study import accelerator_lines
+
+    def r(seed, device, sel="last"):
+        return {
+            "method": "vwsl-authors",
+            "train_site": "a",
+            "test_site": "b",
+            "seed": seed,
+            "selection": sel,
+            "device": device,
+        }
+
+    rows = [r(0, "cpu"), r(1, None), r(2, "H200"), r(2, "H200", "oracle")]
+    assert accelerator_lines(rows) == [
+        "",
+        "Fine-tuned on an accelerator (same protocol; wall times are its own): "
+        "vwsl-authors a -> b seed 2 on H200.",
+    ]
+    assert accelerator_lines(rows[:2]) == []
+
+
 def test_vwsl_spread_lines_summarise_each_checked_run_once():
     """The 'what the variance maps show' lines: source -> last check spread and Dice, and the
     correlation over the checks; a reused run is listed once, a run without checks not at all."""
