@@ -723,3 +723,44 @@ def test_source_val_probe_borrows_epoch_0_only_from_the_same_target_and_key():
     ]
     with pytest.raises(ValueError, match="no epoch-0 row"):
         markdown(other, 1, 1, [0])
+
+
+def test_prior_share_rule_keeps_only_checks_that_move_towards_the_source_sites_share():
+    """The anatomical-prior candidate (experiments/prior_share_probe.py): a check passes when its
+    lung share is no farther from the prior than the source model's; with the default net both
+    must pass; no passing check = rolled back (None)."""
+    from experiments.prior_share_probe import decide, prior_ok
+
+    assert prior_ok(0.26, 0.30, 0.25) and prior_ok(0.24, 0.26, 0.25)
+    assert not prior_ok(0.31, 0.30, 0.25)  # moves away from the prior: rejected
+    assert not prior_ok(0.23, 0.24, 0.25)  # under-segmenting further: rejected
+    checks = [
+        {"epoch": 20, "area": 0.28, "acceptable": True},
+        {"epoch": 40, "area": 0.26, "acceptable": False},
+        {"epoch": 60, "area": 0.31, "acceptable": True},
+    ]
+    assert decide(checks, 0.30, 0.25) == {"default": 60, "prior": 40, "default+prior": 20}
+    growing = [{"epoch": 20, "area": 0.305, "acceptable": True}]
+    assert decide(growing, 0.30, 0.25) == {"default": 20, "prior": None, "default+prior": None}
+
+
+def test_prior_share_probe_judges_a_capture_unit_only_where_its_weights_were_scored(tmp_path):
+    """A capture unit's test Dice exists for the net's choice only: a rule that keeps that epoch
+    gets its gain, rolling back gets 0, any other epoch gets None (not scored)."""
+    from experiments.prior_share_probe import capture_rows
+
+    checks = [
+        {"epoch": 20, "area": 0.28, "acceptable": True},
+        {"epoch": 40, "area": 0.32, "acceptable": True},
+    ]
+    unit = {"verdict": "adapted", "criterion": {"source": {"area": 0.30}, "checks": checks}}
+    (tmp_path / "vwsl-moderate-n16-s0.json").write_text(json.dumps(unit))
+    (tmp_path / "eval-moderate-before-s0.json").write_text(json.dumps({"dice_mean": 0.60}))
+    (tmp_path / "eval-moderate-vwsl-n16-s0.json").write_text(json.dumps({"dice_mean": 0.58}))
+    (row,) = capture_rows(tmp_path, prior=0.25)
+    assert row["kept"] == {"default": 40, "prior": 20, "default+prior": 20}
+    assert row["gain"]["default"] == pytest.approx(-2.0) and row["gain"]["prior"] is None
+    assert row["gain_last"] == pytest.approx(-2.0)
+    checks[0]["area"] = 0.31  # now every check moves away from the prior: rolled back
+    (tmp_path / "vwsl-moderate-n16-s0.json").write_text(json.dumps(unit))
+    assert capture_rows(tmp_path, prior=0.25)[0]["gain"]["default+prior"] == 0.0
