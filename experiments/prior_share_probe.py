@@ -23,6 +23,7 @@ This script applies both to the checks the runs already recorded (no new predict
 Usage:
     python experiments/prior_share_probe.py [--units results/vwsl_units] \
         [--curves results/vwsl_curves.json] [--captures results/capture_units] \
+        [--capture-protocol configs/capture_strong_cpu.json] \
         [--out results/prior_share_probe.json]
 """
 
@@ -101,8 +102,11 @@ def study_rows(units: Path, curves_path: Path, priors: dict[str, float]) -> list
     return rows
 
 
-def capture_rows(work: Path, prior: float) -> list[dict]:
-    """One row per finished capture unit (Shenzhen source) with its before/after evaluations."""
+def capture_rows(
+    work: Path, prior: float, sites: tuple[str, str] = ("shenzhen", "montgomery")
+) -> list[dict]:
+    """One row per finished capture unit with its before/after evaluations; `sites` = the
+    capture protocol's (train_site, test_site), `prior` = the train site's share."""
     rows = []
     for f in sorted(work.glob("vwsl-*-n*-s*.json")):
         m = CAPTURE.match(f.stem)
@@ -129,7 +133,7 @@ def capture_rows(work: Path, prior: float) -> list[dict]:
             {
                 "run": f.stem,
                 "method": "vwsl-default",
-                "direction": f"shenzhen->montgomery-{m['preset']}",
+                "direction": f"{sites[0]}->{sites[1]}-{m['preset']}",
                 "n_images": int(m["n"]),
                 "seed": int(m["seed"]),
                 "prior": prior,
@@ -183,17 +187,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--units", default="results/vwsl_units")
     ap.add_argument("--curves", default="results/vwsl_curves.json")
     ap.add_argument("--captures", default="results/capture_units")
+    ap.add_argument(
+        "--capture-protocol",
+        default="configs/capture_strong_cpu.json",
+        help="names the capture units' source and target sites",
+    )
     ap.add_argument("--data", default="../shared/data/cxr")
     ap.add_argument("--splits", default="results/splits")
     ap.add_argument("--out", default="results/prior_share_probe.json")
     a = ap.parse_args(argv)
     try:
+        proto = json.loads(Path(a.capture_protocol).read_text())
+        sites = (proto["train_site"], proto["test_site"])
         priors = {s: prior_share(a.data, a.splits, s) for s in ("shenzhen", "montgomery")}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = study_rows(Path(a.units), Path(a.curves), priors)
-    rows += capture_rows(Path(a.captures), priors["shenzhen"])
+    rows += capture_rows(Path(a.captures), priors[sites[0]], sites)
     out = Path(a.out)
     ckpt.write_json(out, rows)
     atomic_write_text(out.with_suffix(".md"), markdown(rows))
