@@ -41,6 +41,7 @@ import numpy as np
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import atomic_write_text
 from nca_jax.data import load_split
+from nca_jax.guard import prior_ok  # the rule itself: one definition
 
 RUN = re.compile(r"ft-(?P<method>.+)-(?P<src>[a-z]+)-to-(?P<tgt>[a-z]+)-s(?P<seed>\d+)$")
 CAPTURE = re.compile(r"vwsl-(?P<preset>[a-z]+)-n(?P<n>\d+)-s(?P<seed>\d+)$")
@@ -50,11 +51,6 @@ def prior_share(data: str | Path, splits: str | Path, site: str) -> float:
     """Mean lung share of the site's training masks (SITE_train split, 256 px)."""
     ds = load_split(Path(data) / site, Path(splits) / f"{site}_train.txt")
     return float(np.mean(ds.masks > 0.5))
-
-
-def prior_ok(area: float, source_area: float, prior: float) -> bool:
-    """The candidate rule: the share has not moved away from the prior."""
-    return abs(area - prior) <= abs(source_area - prior)
 
 
 def decide(checks: list[dict[str, Any]], source_area: float, prior: float) -> dict[str, Any]:

@@ -159,7 +159,11 @@ class FinetuneConfig:
     of the source model's share and its quality score (sample spread) is at most
     (1 - min_quality_gain) x the source's. The last acceptable check is kept
     (keep='until-failure': the last one before the first unacceptable check); with none, the
-    run rolls back to the source weights (rollback=True)."""
+    run rolls back to the source weights (rollback=True). With prior_share P > 0 (the mean
+    lung share of the source site's training masks, which train.py records in run.json as
+    train_mask_share) a check must also keep its lung share no farther from P than the source
+    model's share on the same images: an anatomical prior with a direction (off by default
+    until its held-out cases are in; results/README.md)."""
 
     method: str = "vwsl"
     update: str = "all"  # parameters that change: "all", or "norm" (batch-norm scale, shift)
@@ -196,6 +200,8 @@ class FinetuneConfig:
     # which acceptable check is kept: "latest" of all, or "until-failure": the latest before the
     # first unacceptable one (a stop rule: once a check fails, later recoveries are not trusted)
     keep: str = "latest"
+    # anatomical prior: the source site's mean training-mask lung share (0 = no prior rule)
+    prior_share: float = 0.0
     source_run: str = ""  # the run it starts from (for the record)
 
     def validate(self) -> None:
@@ -232,6 +238,10 @@ class FinetuneConfig:
             raise ConfigError("finetune.lr_decay must lie in (0, 1], beta1 and beta2 in [0, 1)")
         if self.area_min_ratio > self.area_max_ratio:
             raise ConfigError("finetune.area_min_ratio must not exceed area_max_ratio")
+        if not 0.0 <= self.prior_share < 1.0:
+            raise ConfigError(
+                f"finetune.prior_share must lie in [0, 1) (0 = no prior), got {self.prior_share}"
+            )
         if self.check_every < 0 or self.check_images < 1 or self.check_samples < 2:
             raise ConfigError(
                 "finetune.check_every must be >= 0, check_images >= 1, check_samples >= 2"

@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="which acceptable check's weights: the latest, or the latest before the first "
         "check that fails",
     )
+    p.add_argument(
+        "--prior-share",
+        help="anatomical prior for the checks: 'auto' (the source run's train_mask_share in "
+        "run.json) or a number, the mean lung share of the source site's training masks; a "
+        "check then fails when its lung share moves away from it (default: no prior)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true")
     p.add_argument(
@@ -64,6 +70,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def prior_share(value: str | None, run: str | Path) -> float | None:
+    """--prior-share: None (not given), 'auto' (the source run's run.json train_mask_share)
+    or a number in [0, 1)."""
+    if value is None:
+        return None
+    if value != "auto":
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"--prior-share must be 'auto' or a number, got {value!r}") from None
+    path = Path(run) / "run.json"
+    try:
+        share = json.loads(path.read_text()).get("train_mask_share")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path}: cannot read the source run's summary ({e})") from e
+    if not isinstance(share, int | float):
+        raise ConfigError(
+            f"{path}: no train_mask_share (the run was trained before train.py recorded it): "
+            "pass --prior-share with the mean lung share of its training masks"
+        )
+    return float(share)
 
 
 def build_config(a: argparse.Namespace) -> FinetuneConfig:
@@ -98,6 +127,7 @@ def build_config(a: argparse.Namespace) -> FinetuneConfig:
         "check_every": a.check_every,
         "rollback": False if a.no_rollback else None,
         "keep": a.keep,
+        "prior_share": prior_share(a.prior_share, a.run),
     }
     fc = dataclasses.replace(
         base, **{k: v for k, v in over.items() if v is not None}, source_run=str(a.run)

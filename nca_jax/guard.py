@@ -15,6 +15,12 @@ A check is acceptable when area / source area lies in [area_min_ratio, area_max_
 anatomical prior: both lungs cover a similar share of a chest X-ray at any hospital) and
 quality <= (1 - min_quality_gain) x the source's quality. No target label is ever read.
 
+The band has no direction: it cannot tell a source that over-segments the new site (share should
+fall) from one that under-segments it. With fc.prior_share = P > 0, the mean lung share of the
+SOURCE site's training masks (adult lungs fill about the same share of a frontal chest X-ray at
+every site), a check must also satisfy |area - P| <= |source area - P|: the share may only move
+towards P. Off by default until the held-out cases written down for it are in.
+
 stray is recorded but decides nothing: with one set of sampling keys it rose in a harmful
 self-training run and fell in the helpful ones, but with other keys it fell in the harmful run
 too (results/README.md, session 12), like spread and agreement. No label-free figure measured so
@@ -57,6 +63,12 @@ def label_free_check(probs: np.ndarray) -> dict[str, float]:
     }
 
 
+def prior_ok(area: float, source_area: float, prior: float) -> bool:
+    """The anatomical-prior rule: the predicted lung share `area` is no farther from the prior
+    share than the source model's share on the same images."""
+    return abs(area - prior) <= abs(source_area - prior)
+
+
 def judge(check: dict[str, float], source: dict[str, float], fc: FinetuneConfig) -> list[str]:
     """Why `check` is not acceptable against the source model's check (empty list = it is)."""
     why = []
@@ -75,6 +87,11 @@ def judge(check: dict[str, float], source: dict[str, float], fc: FinetuneConfig)
             f"quality score {check['quality']:.4f} is not below the source's "
             f"{source['quality']:.4f}"
             + (f" x{1 - fc.min_quality_gain:g}" if fc.min_quality_gain else "")
+        )
+    if fc.prior_share > 0 and not prior_ok(check["area"], source["area"], fc.prior_share):
+        why.append(
+            f"predicted lung share {check['area']:.1%} moved away from the prior "
+            f"{fc.prior_share:.1%} (the source's was {source['area']:.1%})"
         )
     return why
 
@@ -96,6 +113,11 @@ def choose(
         "rule": (
             f"area within x{fc.area_min_ratio:g}-x{fc.area_max_ratio:g} of the source's and "
             f"quality <= {1 - fc.min_quality_gain:g} x the source's; "
+            + (
+                f"area no farther from the prior {fc.prior_share:g} than the source's; "
+                if fc.prior_share > 0
+                else ""
+            )
             + (
                 "latest such check before the first check that is not"
                 if fc.keep == "until-failure"

@@ -252,7 +252,11 @@ def train_and_evaluate(
         stop=Stop(stop_after_epochs, stop_at_val_dice),
         hooks=Hooks(step_fn_at=step_at, schedule=make_optimizer_schedule(cfg.train)),
         log=log,
-        summary_extra={"train_source": train.source},
+        summary_extra={
+            "train_source": train.source,
+            # the anatomical prior a fine-tuning run can check against (finetune --prior-share)
+            "train_mask_share": float(np.mean(train.masks > 0.5)),
+        },
     )
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nca_jax.config import ConfigError, FinetuneConfig
-from nca_jax.guard import VERDICTS, choose, judge, label_free_check, verdict_line
+from nca_jax.guard import VERDICTS, choose, judge, label_free_check, prior_ok, verdict_line
 
 SOURCE = {"area": 0.25, "quality": 0.20, "agreement": 0.90, "stray": 0.10}
 
@@ -96,6 +96,42 @@ def test_keep_until_failure_does_not_trust_a_recovery_after_a_failed_check():
     assert d["verdict"] == "rolled back" and d["epoch"] is None
 
 
+def test_prior_rule_lets_the_lung_share_move_only_towards_the_prior():
+    """prior_share P: a check passes only if |area - P| <= |source area - P|, on top of the
+    band and the quality rule; off (P = 0) it changes nothing."""
+    assert prior_ok(0.26, 0.30, 0.25) and prior_ok(0.24, 0.26, 0.25) and prior_ok(0.30, 0.30, 0.25)
+    assert not prior_ok(0.31, 0.30, 0.25) and not prior_ok(0.23, 0.24, 0.25)
+    src = {**SOURCE, "area": 0.30}
+    good = {"area": 0.28, "quality": 0.19, "agreement": 0.9, "stray": 0.1}
+    away = {**good, "area": 0.32}  # inside the x0.8-1.25 band, but moving away from 0.25
+    with_prior = FinetuneConfig(prior_share=0.25)
+    assert judge(away, src, FinetuneConfig()) == []
+    why = judge(away, src, with_prior)
+    assert len(why) == 1 and "moved away from the prior 25.0%" in why[0]
+    assert judge(good, src, with_prior) == []
+    checks = [{"epoch": 20, **good}, {"epoch": 40, **away}]
+    assert choose(checks, src, FinetuneConfig())["epoch"] == 40
+    d = choose(checks, src, with_prior)
+    assert d["verdict"] == "adapted" and d["epoch"] == 20 and "prior 0.25" in d["criterion"]["rule"]
+    d = choose([{"epoch": 20, **away}], src, with_prior)
+    assert d["verdict"] == "rolled back" and "moved away from the prior" in verdict_line(d)
+
+
+def test_prior_share_option_reads_the_source_runs_training_share(tmp_path):
+    from nca_jax.finetune_cli import prior_share
+
+    (tmp_path / "run.json").write_text(json.dumps({"train_mask_share": 0.2517}))
+    assert prior_share("auto", tmp_path) == 0.2517
+    assert prior_share("0.26", tmp_path) == 0.26 and prior_share(None, tmp_path) is None
+    with pytest.raises(ConfigError, match="'auto' or a number"):
+        prior_share("lungs", tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"finished": True}))
+    with pytest.raises(ConfigError, match="run.json: no train_mask_share"):
+        prior_share("auto", tmp_path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        prior_share("auto", tmp_path / "missing")
+
+
 @pytest.mark.parametrize(
     "field, value",
     [
@@ -108,6 +144,8 @@ def test_keep_until_failure_does_not_trust_a_recovery_after_a_failed_check():
         ("update", "some"),
         ("check_samples", 1),
         ("keep", "best"),
+        ("prior_share", 1.0),
+        ("prior_share", -0.1),
     ],
 )
 def test_bad_guard_and_method_fields_are_config_errors(field, value):
@@ -173,6 +211,8 @@ def test_finetune_cli_ends_with_the_verdict_line(tiny_run, tmp_path, capsys):
         "2",
         "--keep",
         "until-failure",
+        "--prior-share",
+        "auto",
         "--no-progress",
     ]
     assert finetune_cli.main(argv) == 0
@@ -180,7 +220,15 @@ def test_finetune_cli_ends_with_the_verdict_line(tiny_run, tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["verdict"] in VERDICTS and last.startswith(run["verdict"] + ":")
     assert run["verdict_line"] == last and "before the first check" in run["criterion"]["rule"]
-    assert json.loads((out / "config.json").read_text())["finetune"]["keep"] == "until-failure"
+    saved = json.loads((out / "config.json").read_text())["finetune"]
+    assert saved["keep"] == "until-failure"
+    # train.py recorded its training masks' lung share; --prior-share auto took it from there
+    from nca_jax.phantoms import make_phantom_dataset
+
+    masks = make_phantom_dataset(8, seed=1, size=32).masks
+    share = json.loads((tiny_run / "run.json").read_text())["train_mask_share"]
+    assert share == pytest.approx(float(np.mean(masks > 0.5))) and saved["prior_share"] == share
+    assert "prior" in run["criterion"]["rule"]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert "check_area" in rows[-1] and "term_seg" in rows[-1] and "term_cons1" in rows[-1]
     assert 0.0 <= rows[-1]["check_stray"] <= 1.0
