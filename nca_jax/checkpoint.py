@@ -8,6 +8,7 @@ selected and why) and, while training, `checkpoints/` (orbax: parameters, Adam s
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,21 @@ def load_run(
     if weights is None and not wpath.is_file():
         raise RunError(f"{run}: not a trained run (no weights.npz)")
     return cfg, load_weights(wpath, cfg)
+
+
+def run_summary(run: str | os.PathLike) -> dict[str, Any]:
+    """The run's run.json ({} when it has none, e.g. an unfinished run); RunError naming the
+    file when it is not a JSON object."""
+    path = Path(run) / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: not a readable run summary ({e})") from e
+    if not isinstance(summary, dict):
+        raise RunError(f"{path}: not a run summary (expected a JSON object)")
+    return summary
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:

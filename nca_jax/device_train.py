@@ -6,6 +6,9 @@ Never imports JAX or TensorFlow: it does what an app would do with the file writ
   python -m nca_jax.device_train train --model F.tflite --data DIR --epochs N --out RUN
   python -m nca_jax.device_train finetune --model F.tflite --data DIR --epochs N --out RUN
       [--weights W.npz]      (VWSL: sample -> targets -> finetune steps; masks never read)
+      [--check-every K] [--check-images N] [--prior-share auto|P]
+                             (the label-free safety net of finetune.py, from `sample` alone:
+                             the last line is 'adapted: ...' or 'rolled back: ...')
   python -m nca_jax.device_train predict --model F.tflite --data DIR --out DIR2 [--weights W.npz]
 
 RUN gets config.json, weights.npz (from `get_weights`, the names of a JAX run's weights.npz),
@@ -20,6 +23,7 @@ import argparse
 import io
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +31,10 @@ import numpy as np
 from tqdm import tqdm
 
 from nca_jax.cli import run_cli
-from nca_jax.config import atomic_write_bytes, atomic_write_text, to_json
+from nca_jax.config import FinetuneConfig, atomic_write_bytes, atomic_write_text, to_json
 from nca_jax.data import Dataset, load_folder, load_split
-from nca_jax.errors import DeviceError  # noqa: F401 (re-exported)
+from nca_jax.errors import ConfigError, DeviceError
+from nca_jax.guard import choose, moment_check, verdict_line
 from nca_jax.paths import check_output_folder
 from nca_jax.render import save_image
 
@@ -129,12 +134,17 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
         raise DeviceError(f"{path}: not a readable weights .npz ({e})") from e
 
 
+def write_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
+    """An .npz of {name: array}, written to a temporary name and renamed."""
+    buf = io.BytesIO()
+    np.savez(buf, **weights)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def write_run(out: Path, model: TFLiteModel, record: dict[str, Any]) -> None:
     """config.json (the exported config), weights.npz (get_weights) and run.json."""
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, **model.get_weights())
-    atomic_write_bytes(out / "weights.npz", buf.getvalue())
+    write_weights(out / "weights.npz", model.get_weights())
     atomic_write_text(out / "config.json", json.dumps(model.info["config"], indent=2) + "\n")
     atomic_write_text(out / "run.json", to_json(record, indent=2) + "\n")
 
@@ -168,7 +178,11 @@ def _epochs(
     seed: int,
     out: Path,
     log_every: int,
+    on_epoch_end: Callable[[int], dict[str, float] | None] | None = None,
 ) -> tuple[list[float], float]:
+    """Runs `signature` over shuffled batches for `epochs` epochs; metrics.jsonl gets one row
+    per epoch (with what on_epoch_end(epoch) returns); returns the step times and their
+    median after the first."""
     rng = np.random.default_rng(seed)
     n = len(next(iter(inputs.values())))
     times: list[float] = []
@@ -190,7 +204,9 @@ def _epochs(
                 )
             if not np.isfinite(losses[-1]):
                 raise DeviceError(f"{signature}: loss became non-finite at epoch {epoch}")
-        lines.append(json.dumps({"epoch": epoch, "loss": float(np.mean(losses))}))
+        extra = on_epoch_end(epoch) if on_epoch_end is not None else None
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), **(extra or {})}
+        lines.append(json.dumps(row))
         atomic_write_text(out / "metrics.jsonl", "\n".join(lines) + "\n")
     bar.close()
     warm = times[1:] if len(times) > 1 else times
@@ -224,9 +240,10 @@ def _finish(
     images: int,
     steps: int,
     t0: float,
-    **extra: float,
+    **extra: Any,
 ) -> int:
-    """Writes the run folder and prints its record."""
+    """Writes the run folder and prints its record (then the verdict line, when there is
+    one: the last line)."""
     rec = {
         "mode": mode,
         "model_file": str(a.model),
@@ -239,7 +256,9 @@ def _finish(
         "wall_s": time.perf_counter() - t0,
     }
     write_run(out, model, rec)
-    print(json.dumps(rec))
+    print(json.dumps({k: v for k, v in rec.items() if k != "criterion"}))
+    if "verdict_line" in rec:
+        print(rec["verdict_line"])
     return 0
 
 
@@ -261,17 +280,65 @@ def cmd_train(a: argparse.Namespace) -> int:
     )
 
 
+def guard_config(a: argparse.Namespace) -> FinetuneConfig:
+    """The safety net's settings from --check-every, --check-images and --prior-share ('auto':
+    the sidecar's train_mask_share, which export_tflite.py copies from the source run); read
+    before anything is written."""
+    prior: Any = 0.0
+    if a.prior_share == "auto":
+        side = Path(f"{a.model}.json")
+        try:
+            prior = json.loads(side.read_text()).get("train_mask_share")
+        except (OSError, ValueError, AttributeError) as e:
+            raise DeviceError(f"{side}: not a readable export sidecar ({e})") from e
+        if not isinstance(prior, int | float):
+            raise DeviceError(
+                f"{a.model}.json: no train_mask_share (exported from a run that did not record "
+                "it): pass --prior-share with the mean lung share of the training masks"
+            )
+    elif a.prior_share is not None:
+        try:
+            prior = float(a.prior_share)
+        except ValueError:
+            raise DeviceError(
+                f"--prior-share must be 'auto' or a number, got {a.prior_share!r}"
+            ) from None
+    fc = FinetuneConfig(
+        check_every=a.check_every, check_images=a.check_images, prior_share=float(prior)
+    )
+    try:
+        fc.validate()
+    except ConfigError as e:
+        raise DeviceError(str(e)) from e
+    return fc
+
+
+def _sample_moments(model: TFLiteModel, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`sample` over images (N, S, S, 1), N a multiple of the batch -> mean, std (N, S, S)."""
+    rs = [
+        model.run("sample", image=images[i : i + model.batch])
+        for i in range(0, len(images), model.batch)
+    ]
+    return (
+        np.concatenate([r["mean"][..., 0] for r in rs]),
+        np.concatenate([r["std"][..., 0] for r in rs]),
+    )
+
+
 def cmd_finetune(a: argparse.Namespace) -> int:
+    fc = guard_config(a)
     model, data, out = _open(a, masks=False, needs="finetune")  # masks are never read
     t0 = time.perf_counter()
     images = nhwc(data.images)
-    targets, weights, sample_times = [], [], []
+    targets, weights, sample_times, means, stds = [], [], [], [], []
     for idx in tqdm(model.batches(len(data), None), desc="device targets", disable=None):
         ts = time.perf_counter()
         r = model.run("sample", image=images[idx])
         sample_times.append(time.perf_counter() - ts)
         targets.append((r["mean"] > 0.5).astype(np.float32))
         weights.append(np.clip(1.0 - 2.0 * r["std"], 0.0, 1.0).astype(np.float32))
+        means.append(r["mean"][..., 0])
+        stds.append(r["std"][..., 0])
     used = np.concatenate(model.batches(len(data), None))
     inputs = {
         "image": images[used],
@@ -279,7 +346,41 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         "weight": np.concatenate(weights),
     }
     uncertainty_before = float(np.mean(1.0 - inputs["weight"]) / 2)
-    times, step_s = _epochs(model, "finetune", inputs, a.epochs, a.seed, out, a.log_every)
+    # the safety net, from `sample` alone: whole batches of the first check_images images; the
+    # source's check reuses the targets' samples of them
+    n_check = max(model.batch, fc.check_images // model.batch * model.batch)
+    n_check = min(n_check, len(used))
+    source_weights = model.get_weights()
+    source_check = moment_check(np.concatenate(means)[:n_check], np.concatenate(stds)[:n_check])
+    checks: list[dict[str, Any]] = []
+
+    def check_at(epoch: int) -> dict[str, float] | None:
+        if fc.check_every <= 0 or (epoch % fc.check_every and epoch != a.epochs):
+            return None
+        (out / "snapshots").mkdir(exist_ok=True)
+        write_weights(out / "snapshots" / f"epoch{epoch:04d}.npz", model.get_weights())
+        c = moment_check(*_sample_moments(model, images[:n_check]))
+        checks.append({"epoch": epoch, **c})
+        return {f"check_{k}": v for k, v in c.items()}
+
+    times, step_s = _epochs(
+        model, "finetune", inputs, a.epochs, a.seed, out, a.log_every, on_epoch_end=check_at
+    )
+    net: dict[str, Any] = {}
+    if fc.check_every > 0:
+        decision = choose(checks, source_check, fc)
+        kept = (
+            source_weights
+            if decision["epoch"] is None
+            else read_weights(out / "snapshots" / f"epoch{decision['epoch']:04d}.npz")
+        )
+        model.set_weights(kept, "the safety net's choice")
+        net = {
+            "verdict": decision["verdict"],
+            "selected_epoch": decision["epoch"],
+            "criterion": decision["criterion"],
+            "verdict_line": verdict_line(decision),
+        }
     sample_s = float(np.median(sample_times))
     return _finish(
         a,
@@ -293,6 +394,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         finetune_step_s=step_s,
         mean_std_before=uncertainty_before,
         **projection(model, None, step_s, sample_s),
+        **net,
     )
 
 
@@ -345,6 +447,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             s.add_argument("--epochs", type=int, default=1)
             s.add_argument("--seed", type=int, default=0, help="shuffling seed")
             s.add_argument("--log-every", type=int, default=10, help="print every K steps")
+        if name == "finetune":
+            s.add_argument(
+                "--check-every",
+                type=int,
+                default=FinetuneConfig.check_every,
+                help="epochs between label-free checks, and one after the last epoch (0 = no "
+                "checks, no rollback; default %(default)s, as finetune.py)",
+            )
+            s.add_argument(
+                "--check-images",
+                type=int,
+                default=FinetuneConfig.check_images,
+                help="the first N images are checked (whole batches; default %(default)s)",
+            )
+            s.add_argument(
+                "--prior-share",
+                help="anatomical prior: 'auto' (the sidecar's train_mask_share) or a number "
+                "(default: none)",
+            )
     a = p.parse_args(argv)
     if getattr(a, "epochs", 1) < 1:
         p.error("--epochs must be >= 1")

@@ -523,8 +523,10 @@ def export(
     out: str | os.PathLike,
     source: str = "",
     progress: bool | None = False,
+    train_mask_share: float | None = None,
 ) -> dict[str, Any]:
-    """Writes out (.tflite) and out + '.json' (config, spec, signatures, ops, size) atomically."""
+    """Writes out (.tflite) and out + '.json' (config, spec, signatures, ops, size, and the
+    source run's train_mask_share for the device's safety net when given) atomically."""
     out = Path(out)
     model = convert(cfg, params, spec, progress=progress)
     ops = op_names(model)
@@ -540,6 +542,8 @@ def export(
         "flex_ops": [o for o in ops if o.startswith("Flex") or o not in builtin_op_names()],
         "bytes": len(model),
     }
+    if train_mask_share is not None:
+        info["train_mask_share"] = float(train_mask_share)
     atomic_write_bytes(out, model)
     atomic_write_text(sidecar(out), json.dumps(info, indent=2) + "\n")
     return info

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.run:
         cfg, params = ckpt.load_run(a.run, a.weights)
         source = a.run
+        share = ckpt.run_summary(a.run).get("train_mask_share")
     else:
         import jax
 
@@ -96,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.weights:
             params = ckpt.load_weights(a.weights, cfg)
         source = f"untrained ({a.config}, init seed {a.init_seed})"
+        share = None
     spec.validate(cfg)  # before the slow conversion
     t0 = time.perf_counter()
-    info = export(cfg, params, spec, a.out, source=source, progress=None)
+    info = export(cfg, params, spec, a.out, source=source, progress=None, train_mask_share=share)
     print(
         json.dumps(
             {

@@ -82,15 +82,12 @@ def prior_share(value: str | None, run: str | Path) -> float | None:
             return float(value)
         except ValueError:
             raise ConfigError(f"--prior-share must be 'auto' or a number, got {value!r}") from None
-    path = Path(run) / "run.json"
-    try:
-        share = json.loads(path.read_text()).get("train_mask_share")
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        raise ConfigError(f"{path}: cannot read the source run's summary ({e})") from e
+    share = ckpt.run_summary(run).get("train_mask_share")
     if not isinstance(share, int | float):
         raise ConfigError(
-            f"{path}: no train_mask_share (the run was trained before train.py recorded it): "
-            "pass --prior-share with the mean lung share of its training masks"
+            f"{Path(run) / 'run.json'}: no train_mask_share (the run was trained before "
+            "train.py recorded it): pass --prior-share with the mean lung share of its "
+            "training masks"
         )
     return float(share)
 

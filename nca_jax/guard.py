@@ -63,6 +63,28 @@ def label_free_check(probs: np.ndarray) -> dict[str, float]:
     }
 
 
+def moment_check(mean: np.ndarray, std: np.ndarray) -> dict[str, float]:
+    """The check from the per-pixel mean and std (ddof=0) of S predictions, (N, H, W) each, as
+    the exported `sample` signature returns them (the phone): {'area' (0.5-threshold of the
+    MEAN, not the median), 'quality' (exactly label_free_check's), 'stray' (of the mean mask)};
+    no 'agreement', which needs the samples themselves."""
+    m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    if m.ndim != 3 or m.shape != s.shape:
+        raise ValueError(f"expected mean and std of one shape (N, H, W), got {m.shape}, {s.shape}")
+    areas, quals, stray = [], [], []
+    for mi, si in zip(m, s, strict=True):
+        areas.append(float((mi > 0.5).mean()))
+        stray.append(stray_share(mi > 0.5))
+        total = mi.sum()
+        q = si.sum() / total if total > 0 else (0.0 if si.sum() == 0 else math.inf)
+        quals.append(q if math.isfinite(q) else 1e6)  # spread without a mean: worst
+    return {
+        "area": float(np.mean(areas)),
+        "quality": float(np.mean(quals)),
+        "stray": float(np.mean(stray)),
+    }
+
+
 def prior_ok(area: float, source_area: float, prior: float) -> bool:
     """The anatomical-prior rule: the predicted lung share `area` is no farther from the prior
     share than the source model's share on the same images."""
@@ -146,6 +168,8 @@ def verdict_line(decision: dict[str, Any]) -> str:
     chk = next(c for c in decision["criterion"]["checks"] if c["epoch"] == decision["epoch"])
     return (
         f"adapted: weights of epoch {decision['epoch']} (area {chk['area']:.1%}, quality "
-        f"{chk['quality']:.4f}, agreement {chk['agreement']:.3f}; {figs})"
+        f"{chk['quality']:.4f}"
+        + (f", agreement {chk['agreement']:.3f}" if "agreement" in chk else "")
+        + f"; {figs})"
         + ("" if chk["acceptable"] else f"; kept without rollback although {chk['why_not']}")
     )

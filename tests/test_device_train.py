@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nca_jax import checkpoint as ckpt
+from nca_jax.guard import prior_ok
 
 pytestmark = pytest.mark.slow  # needs the exported TFLite file (conftest's `exported`)
 
@@ -40,8 +41,30 @@ def test_stand_in_trains_finetunes_predicts_and_weights_return_to_jax(exported, 
     ft = tmp_path / "device-ft"
     args = ("finetune", "--model", model, "--data", data, "--epochs", 1, "--out", ft)
     assert _stand_in(*args, "--weights", run / "weights.npz") == 0
-    assert json.loads((ft / "run.json").read_text())["steps"] == 2
-    ckpt.load_run(ft)
+    rec = json.loads((ft / "run.json").read_text())
+    assert rec["steps"] == 2
+    # the safety net (default: a check after the last epoch) decided, and said so last
+    assert capsys.readouterr().out.strip().splitlines()[-1] == rec["verdict_line"]
+    assert [c["epoch"] for c in rec["criterion"]["checks"]] == [1]
+    _, kept = ckpt.load_run(ft)
+    want = (
+        ckpt.flatten_params(ckpt.load_run(run)[1])
+        if rec["verdict"] == "rolled back"
+        else dict(np.load(ft / "snapshots" / "epoch0001.npz"))
+    )
+    assert all(np.array_equal(ckpt.flatten_params(kept)[k], want[k]) for k in want)
+    # checks every epoch with a prior share: each check's verdict applies the prior rule
+    ft2 = tmp_path / "device-ft2"
+    args = ("finetune", "--model", model, "--data", data, "--epochs", 2, "--out", ft2)
+    extra = ("--weights", run / "weights.npz", "--check-every", 1, "--prior-share", 0.9)
+    assert _stand_in(*args, *extra) == 0
+    crit = json.loads((ft2 / "run.json").read_text())["criterion"]
+    assert [c["epoch"] for c in crit["checks"]] == [1, 2] and "prior 0.9" in crit["rule"]
+    for c in crit["checks"]:
+        away = not prior_ok(c["area"], crit["source"]["area"], 0.9)
+        assert away == any("moved away from the prior" in w for w in c["why_not"])
+    rows = [json.loads(ln) for ln in (ft2 / "metrics.jsonl").read_text().splitlines()]
+    assert all("check_area" in r and "check_quality" in r for r in rows)
     pred = tmp_path / "pred"
     args = ("predict", "--model", model, "--data", data, "--out", pred, "--threads", 2)
     assert _stand_in(*args) == 0
@@ -61,12 +84,15 @@ def test_stand_in_bad_inputs_exit_2(exported, tmp_path, capsys):
         (("predict", "--model", tmp_path / "none.tflite"), "no such model file"),
         (("predict", "--model", model, "--weights", bad), "do not fit the model"),
         (("train", "--model", model, "--data", tmp_path / "nodata"), "nodata"),
+        (("finetune", "--model", model, "--prior-share", "auto"), "no train_mask_share"),
+        (("finetune", "--model", model, "--prior-share", "lungs"), "'auto' or a number"),
+        (("finetune", "--model", model, "--prior-share", "1.5"), "prior_share must lie"),
     ]
     for args, msg in cases:
         full = list(args) + (["--data", data] if "--data" not in args else []) + ["--out", out]
         assert _stand_in(*full) == 2
         assert msg in capsys.readouterr().err
-    assert not (out / "weights.npz").exists()
+    assert not out.exists()
 
 
 def test_stand_in_predicts_with_a_frozen_file_and_refuses_to_train_it(exported, tmp_path, capsys):

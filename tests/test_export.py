@@ -431,3 +431,28 @@ def test_frozen_file_predicts_as_the_trainable_one_and_holds_nothing_that_trains
         dataclasses.replace(SPEC, perceive="im2col").validate(slow)
     assert SPEC.perceive_impl(slow.model) == "conv"  # auto: what the model computes with
     assert SPEC.perceive_impl(exported["cfg"].model) == "im2col"
+
+
+def test_export_cli_copies_the_runs_training_mask_share_for_the_devices_safety_net(tmp_path):
+    """The sidecar carries the source run's train_mask_share (device_train finetune
+    --prior-share auto reads it there); a run without one exports without it."""
+    from nca_jax import checkpoint as ckpt
+    from nca_jax import export_cli
+    from nca_jax.config import ModelConfig, RunConfig, TrainConfig, save_config
+    from nca_jax.model import init_params
+
+    cfg = RunConfig(
+        model=ModelConfig(kind="unet", unet_blocks=2, unet_channels=4),
+        train=TrainConfig(batch_size=2, image_size=32),
+    ).validate()
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(cfg, run / "config.json")
+    ckpt.save_weights(init_params(cfg.model, key=jax.random.key(0)), run / "weights.npz")
+    ckpt.write_json(run / "run.json", {"finished": True, "train_mask_share": 0.2517})
+    base = ["--run", str(run), "--size", "32", "--signatures", "infer"]
+    assert export_cli.main([*base, "--out", str(tmp_path / "a.tflite")]) == 0
+    assert json.loads((tmp_path / "a.tflite.json").read_text())["train_mask_share"] == 0.2517
+    (run / "run.json").unlink()
+    assert export_cli.main([*base, "--out", str(tmp_path / "b.tflite")]) == 0
+    assert "train_mask_share" not in json.loads((tmp_path / "b.tflite.json").read_text())

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from nca_jax.config import ConfigError, FinetuneConfig
-from nca_jax.guard import VERDICTS, choose, judge, label_free_check, prior_ok, verdict_line
+from nca_jax.errors import RunError
+from nca_jax.guard import (
+    VERDICTS,
+    choose,
+    judge,
+    label_free_check,
+    moment_check,
+    prior_ok,
+    verdict_line,
+)
 
 SOURCE = {"area": 0.25, "quality": 0.20, "agreement": 0.90, "stray": 0.10}
 
@@ -43,6 +52,24 @@ def test_label_free_check_exact_values_on_a_tiny_input():
     assert c["stray"] == 0.0  # one pixel: one part, nothing outside the two largest
     with pytest.raises(ValueError, match="S >= 2"):
         label_free_check(probs[:1])
+
+
+def test_moment_check_is_the_check_from_the_mean_and_std_a_phone_gets():
+    """The device's check (from `sample`'s mean and std maps): quality exactly as from the
+    samples, area the 0.5-threshold of the mean, no agreement."""
+    probs = np.zeros((3, 2, 2, 2))
+    probs[:, 0, 0, 0] = [0.9, 0.8, 0.1]  # mean 0.6 -> foreground
+    probs[:, 0, 1, 1] = [0.6, 0.6, 0.0]  # mean 0.4, median 0.6: only the median marks it
+    c = moment_check(probs.mean(0), probs.std(0))
+    assert set(c) == {"area", "quality", "stray"}
+    assert c["area"] == pytest.approx((1 / 4 + 0) / 2)  # the median's share would be 2/4
+    assert label_free_check(probs)["area"] == pytest.approx((2 / 4 + 0) / 2)
+    assert c["quality"] == pytest.approx(label_free_check(probs)["quality"])
+    with pytest.raises(ValueError, match="one shape"):
+        moment_check(probs.mean(0), probs.std(0)[:1])
+    assert verdict_line(choose([{"epoch": 2, **c}], c, FinetuneConfig())).startswith(
+        "adapted: weights of epoch 2"
+    )
 
 
 def test_judge_catches_collapse_and_flood_and_no_gain():
@@ -128,8 +155,11 @@ def test_prior_share_option_reads_the_source_runs_training_share(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"finished": True}))
     with pytest.raises(ConfigError, match="run.json: no train_mask_share"):
         prior_share("auto", tmp_path)
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="no train_mask_share"):
         prior_share("auto", tmp_path / "missing")
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(RunError, match="run.json: not a readable run summary"):
+        prior_share("auto", tmp_path)
 
 
 @pytest.mark.parametrize(
