@@ -95,6 +95,7 @@ NET_FIELDS = (
     "min_quality_gain",
     "rollback",
     "keep",
+    "prior_share",
 )
 # fields that choose or keep weights but do not change a fine-tuning trajectory
 SELECTION_FIELDS = (
