@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import re
 import shutil
 import sys
@@ -153,31 +154,39 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(res_dir / f"{name}.md", md)
 
     data_root = Path(a.data)
+    compute = not a.publish_only  # --publish-only reads finished units and computes nothing
     for preset in ["none", *proto.presets]:
         if preset == "none":
             folder = data_root / tgt
         else:
             folder = work / f"captured-{tgt}-{preset}-s{cap_seed}"
-            if not (folder / "capture.json").exists():
-                capture_folder(data_root / tgt, folder, preset, cap_seed, overwrite=True)
 
-        def ld(split: str, masks: bool = True, limit: int | None = None, folder=folder):
+        def ld(
+            split: str, masks: bool = True, limit: int | None = None, folder=folder, preset=preset
+        ):
+            if preset != "none" and not (folder / "capture.json").exists():
+                capture_folder(data_root / tgt, folder, preset, cap_seed, overwrite=True)
             return load_site(
                 folder.parent, a.splits, folder.name, split, size, masks=masks, limit=limit
             )
 
-        test = ld(f"{tgt}_test")
+        test = functools.cache(lambda ld=ld: ld(f"{tgt}_test"))  # read when a unit needs it
         # the source model does not depend on the VWSL seed: scored once, under the first seed
         ev = unit(
             work / f"eval-{preset}-before-s{seeds[0]}.json",
-            lambda test=test: scored(cfg, params, test, samples),
+            lambda test=test: scored(cfg, params, test(), samples),
+            compute,
         )
+        if ev is None:
+            continue  # --publish-only, and the source is not scored on this preset yet
         rows.append(_row(proto, preset, "med-nca", 0, seeds[0], ev, steps=0))
         u = unit(
             work / f"unc-{preset}-before-s{seeds[0]}.json",
-            lambda test=test: scored(cfg, params, head(test, unc_n), unc_samples),
+            lambda test=test: scored(cfg, params, head(test(), unc_n), unc_samples),
+            compute,
         )
-        unc.append(_unc_row(preset, "med-nca", 0, seeds[0], u))
+        if u is not None:
+            unc.append(_unc_row(preset, "med-nca", 0, seeds[0], u))
         for seed in seeds:
             if preset == "none" or (a.only_seeds and seed not in a.only_seeds):
                 continue
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                         uncertainty_after=False,
                     )
 
-                ft_res = unit(work / f"vwsl-{preset}-n{n_ft}-s{seed}.json", do_ft)
+                ft_res = unit(work / f"vwsl-{preset}-n{n_ft}-s{seed}.json", do_ft, compute)
 
                 def after(n_samples: int, data, ft=ft) -> dict[str, Any]:
                     c2, p2 = ckpt.load_run(ft)
@@ -217,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 ev = unit(
                     work / f"eval-{preset}-vwsl-n{n_ft}-s{seed}.json",
-                    lambda test=test, after=after: after(samples, test),
+                    lambda test=test, after=after: after(samples, test()),
+                    compute,
                 )
+                if ft_res is None or ev is None:
+                    continue
                 rows.append(
                     _row(
                         proto,
@@ -240,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                 ):
                     u = unit(
                         unc_path,
-                        lambda test=test, after=after: after(unc_samples, head(test, unc_n)),
+                        lambda test=test, after=after: after(unc_samples, head(test(), unc_n)),
+                        compute,
                     )
-                    unc.append(_unc_row(preset, proto.method, n_ft, seed, u))
+                    if u is not None:
+                        unc.append(_unc_row(preset, proto.method, n_ft, seed, u))
                 if seed == seeds[0] and n_ft == max(proto.n_finetune):
                     prefix = "capture" if proto.results_name == "capture" else proto.results_name
                     dst = res_dir / "runs" / f"{prefix}-vwsl-{src}-to-{tgt}-{preset}-n{n_ft}"

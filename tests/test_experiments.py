@@ -160,6 +160,17 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
     (tmp_path / "p.json").write_text(json.dumps({**proto, "method": "vwsl-default"}))
     r3 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r3.returncode == 2 and "vwsl-default needs finetune.py's defaults" in r3.stderr
+    # --publish-only computes nothing: with the finished units it writes the same rows; with a
+    # fresh work folder, only the rows of what exists (none), and it captures no image
+    (tmp_path / "p.json").write_text(json.dumps(proto))
+    r4 = subprocess.run([*cmd, "--publish-only"], capture_output=True, text=True, cwd=ROOT)
+    assert r4.returncode == 0, r4.stderr[-3000:]
+    assert json.loads((tmp_path / "results" / "cap_named.json").read_text()) == rows
+    fresh = [str(tmp_path / "fresh") if c == str(tmp_path / "work") else c for c in cmd]
+    r5 = subprocess.run([*fresh, "--publish-only"], capture_output=True, text=True, cwd=ROOT)
+    assert r5.returncode == 0, r5.stderr[-3000:]
+    assert json.loads((tmp_path / "results" / "cap_named.json").read_text()) == []
+    assert not list((tmp_path / "fresh").glob("captured-*"))
 
 
 @pytest.mark.slow
