@@ -35,7 +35,9 @@ from experiments.common import (
     head,
     load_json_protocol,
     load_site,
+    rechoose,
     sum_unit_times,
+    train_share,
     unit,
     write_figure,
 )
@@ -45,6 +47,7 @@ from nca_jax.config import FinetuneConfig, atomic_write_text
 from nca_jax.errors import ConfigError
 from nca_jax.evaluate import evaluate
 from nca_jax.finetuning import finetune
+from nca_jax.guard import PRIOR_BY_DEFAULT
 
 PAPER_CAPTURE_GAIN = "+5 to +20 Dice points (5 phone photos)"
 
@@ -69,6 +72,13 @@ class CaptureProtocol:
     # defaults (then the runs' weights.npz is the safety net's label-free choice)
     method: str = "vwsl"
     results_name: str = "capture"  # results/NAME.json, NAME_uncertainty.json, NAME.md
+    # the safety net's anatomical prior (prior_share = the train site's training-mask share);
+    # None = as finetune.py does when not told (nca_jax.guard.PRIOR_BY_DEFAULT). Finished runs
+    # are re-decided from their recorded checks, the weights it then chooses scored anew
+    prior: bool | None = None
+
+    def uses_prior(self) -> bool:
+        return PRIOR_BY_DEFAULT if self.prior is None else self.prior
 
     @classmethod
     def load(cls, path: str | Path) -> CaptureProtocol:
@@ -129,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     source_weights = source_run / proto.source_weights if proto.source_weights else None
     cfg, params = ckpt.load_run(source_run, source_weights)
     size = cfg.train.image_size
+    if proto.uses_prior():
+        fbase = dataclasses.replace(fbase, prior_share=train_share(a.data, a.splits, src, size))
     work, res_dir = Path(a.work), Path(a.results)
     samples = proto.eval_samples
     unc_n, unc_samples = proto.uncertainty_images, proto.uncertainty_samples
@@ -144,6 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         s = evaluate(run_cfg, prm, data, samples=n_samples, seed=0, chunk=chunk)
         s.pop("cases")
         return s
+
+    def rescored(ft, epoch, preset, n_ft, seed, test, before_ev) -> dict[str, Any] | None:
+        """The evaluation of the weights a re-decided run keeps: the source's own when it rolls
+        back (the same weights, test images and keys as the source's evaluation), else its
+        snapshot of that epoch."""
+        if epoch is None:
+            return before_ev
+
+        def do() -> dict[str, Any]:
+            c2, _ = ckpt.load_run(ft)
+            snap = ckpt.load_weights(ft / "snapshots" / f"epoch{epoch:04d}.npz", c2)
+            return scored(c2, snap, test(), samples)
+
+        return unit(work / f"eval-{preset}-vwsl-n{n_ft}-s{seed}-e{epoch:04d}.json", do, compute)
 
     def publish() -> None:
         res_dir.mkdir(parents=True, exist_ok=True)
@@ -179,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if ev is None:
             continue  # --publish-only, and the source is not scored on this preset yet
+        before_ev = ev
         rows.append(_row(proto, preset, "med-nca", 0, seeds[0], ev, steps=0))
         u = unit(
             work / f"unc-{preset}-before-s{seeds[0]}.json",
             lambda test=test: scored(cfg, params, head(test(), unc_n), unc_samples),
             compute,
         )
+        before_unc = u
         if u is not None:
             unc.append(_unc_row(preset, "med-nca", 0, seeds[0], u))
         for seed in seeds:
@@ -231,6 +259,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if ft_res is None or ev is None:
                     continue
+                redecided = False
+                if "criterion" in ft_res:
+                    d = rechoose(ft_res, dataclasses.replace(fbase, seed=seed))
+                    redecided = (d["epoch"], d["verdict"]) != (
+                        ft_res.get("selected_epoch"),
+                        ft_res.get("verdict"),
+                    )
+                    if redecided:  # a net other than the run's (e.g. the prior) chose other weights
+                        ft_res = {**ft_res, "verdict": d["verdict"], "selected_epoch": d["epoch"]}
+                        ev = rescored(ft, d["epoch"], preset, n_ft, seed, test, before_ev)
+                        if ev is None:
+                            continue
                 rows.append(
                     _row(
                         proto,
@@ -255,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                         lambda test=test, after=after: after(unc_samples, head(test(), unc_n)),
                         compute,
                     )
+                    if redecided:  # it scored the run's own choice: only a rollback is known
+                        u = before_unc if d["epoch"] is None else None
                     if u is not None:
                         unc.append(_unc_row(preset, proto.method, n_ft, seed, u))
                 if seed == seeds[0] and n_ft == max(proto.n_finetune):
@@ -264,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
                     for f in ("config.json", "weights.npz", "run.json", "metrics.jsonl"):
                         if (ft / f).exists():  # no PNGs: they show the patients' anatomy
                             shutil.copy(ft / f, dst / f)
+                    if redecided:  # the weights the row scored, and what chose them
+                        e = d["epoch"]
+                        if e is None:
+                            ckpt.save_weights(params, dst / "weights.npz")
+                        else:
+                            snap = ft / "snapshots" / f"epoch{e:04d}.npz"
+                            ckpt.atomic_copy(snap, dst / "weights.npz")
+                        ckpt.write_json(dst / "decision.json", d)
             publish()
     publish()
     if a.figures:

@@ -20,6 +20,7 @@ from nca_jax import checkpoint as ckpt
 from nca_jax.config import FinetuneConfig, RunConfig, config_from_dict
 from nca_jax.data import Dataset, load_split
 from nca_jax.errors import ConfigError
+from nca_jax.guard import choose
 
 SITES = ("shenzhen", "montgomery")
 # the unlabelled images a site is fine-tuned on (disjoint from its test images)
@@ -217,6 +218,22 @@ def load_site(
     of them when given); masks=False reads the images only."""
     d = load_split(Path(data) / site, Path(splits) / f"{split}.txt", size=size, require_masks=masks)
     return d if limit is None else head(d, limit)
+
+
+def train_share(data: str | Path, splits: str | Path, site: str, size: int = 256) -> float:
+    """Mean lung share of the site's training masks (SITE_train split at size px): the
+    anatomical prior P of a source trained there (what train.py records as train_mask_share)."""
+    return float(np.mean(load_site(data, splits, site, f"{site}_train", size).masks > 0.5))
+
+
+def rechoose(decided: dict[str, Any], fc: FinetuneConfig) -> dict[str, Any]:
+    """The safety net's decision under fc from the checks another decision recorded ({'verdict',
+    'epoch', 'criterion': {'source', 'checks'}}): the figures are the same, only the rule
+    differs (e.g. with the prior), so nothing is predicted again."""
+    crit = decided["criterion"]
+    drop = ("acceptable", "why_not")
+    checks = [{k: v for k, v in c.items() if k not in drop} for c in crit["checks"]]
+    return choose(checks, crit["source"], fc)
 
 
 # ---------------------------------------------------------------- units

@@ -36,21 +36,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from experiments.common import train_share
 from nca_jax import checkpoint as ckpt
 from nca_jax.config import atomic_write_text
-from nca_jax.data import load_split
 from nca_jax.guard import prior_ok  # the rule itself: one definition
 
 RUN = re.compile(r"ft-(?P<method>.+)-(?P<src>[a-z]+)-to-(?P<tgt>[a-z]+)-s(?P<seed>\d+)$")
 CAPTURE = re.compile(r"vwsl-(?P<preset>[a-z]+)-n(?P<n>\d+)-s(?P<seed>\d+)$")
-
-
-def prior_share(data: str | Path, splits: str | Path, site: str) -> float:
-    """Mean lung share of the site's training masks (SITE_train split, 256 px)."""
-    ds = load_split(Path(data) / site, Path(splits) / f"{site}_train.txt")
-    return float(np.mean(ds.masks > 0.5))
 
 
 def decide(checks: list[dict[str, Any]], source_area: float, prior: float) -> dict[str, Any]:
@@ -195,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         proto = json.loads(Path(a.capture_protocol).read_text())
         sites = (proto["train_site"], proto["test_site"])
-        priors = {s: prior_share(a.data, a.splits, s) for s in ("shenzhen", "montgomery")}
+        priors = {s: train_share(a.data, a.splits, s) for s in ("shenzhen", "montgomery")}
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -37,7 +37,9 @@ from experiments.common import (
     device_kind,
     fields_of,
     head,
+    rechoose,
     score_fields,
+    train_share,
     unit,
 )
 from nca_jax import checkpoint as ckpt
@@ -52,7 +54,7 @@ from nca_jax.config import (
 from nca_jax.data import Dataset, load_split
 from nca_jax.evaluate import evaluate
 from nca_jax.finetuning import finetune, make_checker
-from nca_jax.guard import choose
+from nca_jax.guard import PRIOR_BY_DEFAULT, choose
 from nca_jax.model import Params
 from nca_jax.training import train_and_evaluate
 
@@ -84,9 +86,17 @@ class Method:
     # the runs of this method ARE those of another one (same training fields and seed: the
     # same trajectory); only the choice of weights (its safety-net fields) is this method's own
     reuse: str = ""
+    # the safety net's anatomical prior: prior_share = the mean lung share of the source site's
+    # training masks; None = as finetune.py does when not told (nca_jax.guard.PRIOR_BY_DEFAULT)
+    prior: bool | None = None
+
+    def uses_prior(self) -> bool:
+        return PRIOR_BY_DEFAULT if self.prior is None else self.prior
 
 
-# the safety net's settings (they name the post-hoc checks: net_tag)
+# what a label-free check predicts and measures (they name the post-hoc checks: check_tag)
+CHECK_FIELDS = ("check_images", "check_samples")
+# the safety net's settings: they choose weights, and never change a trajectory
 NET_FIELDS = (
     "check_images",
     "check_samples",
@@ -160,22 +170,29 @@ class Protocol:
         return Protocol(sources, tuple(methods), dirs, **top)
 
 
-def finetune_config(m: Method, seed: int, proto: Protocol, source_run: str) -> FinetuneConfig:
+def finetune_config(
+    m: Method, seed: int, proto: Protocol, source_run: str, prior_share: float = 0.0
+) -> FinetuneConfig:
+    """The method's FinetuneConfig for one seed; prior_share is the source site's training-mask
+    share, used when the method applies the prior."""
     base: dict[str, Any] = {}
     if m.config:
         raw = json.loads(Path(m.config).read_text())
         base = fields_of(FinetuneConfig, raw.get("finetune", raw), m.config)
     fields = {**base, **fields_of(FinetuneConfig, m.finetune, f"method {m.name}")}
     fields.setdefault("snapshot_every", proto.snapshot_every)
+    if m.uses_prior():
+        fields["prior_share"] = prior_share
     fc = FinetuneConfig(**{**fields, "seed": seed, "source_run": source_run})
     fc.validate()
     return fc
 
 
-def net_tag(fc: FinetuneConfig) -> str:
-    """'default' for the default safety net, else 'net' + a hash of its settings."""
-    d = {k: getattr(fc, k) for k in NET_FIELDS}
-    if d == {k: getattr(FinetuneConfig(), k) for k in NET_FIELDS}:
+def check_tag(fc: FinetuneConfig) -> str:
+    """'default' for the default checks, else 'net' + a hash of what they measure (a net that
+    differs only in its rule re-decides from the same checks: experiments.common.rechoose)."""
+    d = {k: getattr(fc, k) for k in CHECK_FIELDS}
+    if d == {k: getattr(FinetuneConfig(), k) for k in CHECK_FIELDS}:
         return "default"
     return "net" + hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -197,6 +214,7 @@ class Study:
         self.compute = not a.publish_only
         self._data: dict[tuple[str, str, bool], Dataset] = {}
         self.partial: dict[str, Path] = {}  # unfinished fine-tuning runs seen by finetune()
+        self._prior: dict[str, float] = {}
 
     def data(self, site: str, split: str, masks: bool = True) -> Dataset:
         k = (site, split, masks)
@@ -275,7 +293,7 @@ class Study:
 
         def do() -> dict[str, Any]:
             cfg, prm = ckpt.load_run(run, weights)
-            fc = finetune_config(m, seed, self.p, str(weights or run))
+            fc = finetune_config(m, seed, self.p, str(weights or run), self.prior(m, src))
             imgs = head(self.data(tgt, FINETUNE_SPLIT[tgt], masks=False), self.p.n_target_images)
             res = finetune(
                 cfg,
@@ -311,23 +329,30 @@ class Study:
     def snapshots(self, ft: Path) -> dict[int, Path]:
         return {int(f.stem[5:]): f for f in sorted((ft / "snapshots").glob("epoch*.npz"))}
 
-    def label_free(
-        self, m: Method, ft: Path, res: dict, src_params: Params, tgt: str
-    ) -> dict | None:
-        """The run's own verdict, or this method's safety net computed on its snapshots (the
-        default one for a method whose runs had no checks)."""
-        if "verdict" in res and not m.reuse:
-            return {
-                "verdict": res["verdict"],
-                "epoch": res["selected_epoch"],
-                "criterion": res["criterion"],
-                "post_hoc": False,
-            }
+    def prior(self, m: Method, site: str) -> float:
+        """The prior_share of method m for a source trained on `site`: that site's training
+        masks' lung share when m applies the prior, else 0 (no prior)."""
+        if not m.uses_prior():
+            return 0.0
+        if site not in self._prior:
+            self._prior[site] = train_share(self.a.data, self.a.splits, site, self.p.image_size)
+        return self._prior[site]
 
+    def label_free(
+        self, m: Method, ft: Path, res: dict, src_params: Params, src: str, tgt: str
+    ) -> dict | None:
+        """The run's own verdict, or this method's safety net on its snapshots' checks (the
+        default net for a method whose runs had no checks), with the prior when it uses it."""
         run_cfg = load_config(ft / "config.json")
-        fc = finetune_config(m, run_cfg.finetune.seed, self.p, "")
+        seed = run_cfg.finetune.seed
+        fc = finetune_config(m, seed, self.p, "", self.prior(m, src))
         if fc.check_every == 0:  # a method without checks: the default safety net
-            fc = dataclasses.replace(FinetuneConfig(), seed=run_cfg.finetune.seed)
+            fc = dataclasses.replace(FinetuneConfig(), seed=seed, prior_share=self.prior(m, src))
+        if "verdict" in res and not m.reuse:
+            own = {"verdict": res["verdict"], "epoch": res["selected_epoch"]}
+            d = rechoose({**own, "criterion": res["criterion"]}, fc)
+            # the run chose its weights.npz itself: a different net must say which weights
+            return {**d, "post_hoc": (d["epoch"], d["verdict"]) != (own["epoch"], own["verdict"])}
 
         def do() -> dict[str, Any]:
             cfg = dataclasses.replace(run_cfg, finetune=fc)
@@ -341,8 +366,10 @@ class Study:
             d = choose(checks, check(src_params), fc)
             return {**d, "post_hoc": True}
 
-        # named by the safety net, not the method: methods sharing a run and a net share it
-        return unit(self.work / f"checks-{net_tag(fc)}-{ft.name}.json", do, self.compute)
+        # named by what the checks measure, not the method: methods sharing a run share them,
+        # and each applies its own rule to them
+        got = unit(self.work / f"checks-{check_tag(fc)}-{ft.name}.json", do, self.compute)
+        return None if got is None else {**rechoose(got, fc), "post_hoc": True}
 
 
 def row(src: str, tgt: str, method: str, selection: str, seed: int, ev: dict, **kw) -> dict:
@@ -420,7 +447,7 @@ def collect(st: Study, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                             **common,
                         )
                     )
-                lf = st.label_free(m, ft, res, src_params, tgt)
+                lf = st.label_free(m, ft, res, src_params, src, tgt)
                 if lf is not None:
                     e = lf["epoch"]
                     ev = base.get(tgt) if e is None else st.epoch_eval(ft, res, e, tgt, last_ev)

@@ -39,6 +39,9 @@ from nca_jax.config import FinetuneConfig
 from nca_jax.metrics import dice, foreground_fraction, quality_score, stray_share
 
 VERDICTS = ("adapted", "rolled back")
+# whether finetune.py (and the experiments' vwsl-default) applies the prior rule when not told:
+# the one place that says so
+PRIOR_BY_DEFAULT = False
 
 
 def label_free_check(probs: np.ndarray) -> dict[str, float]:

@@ -166,6 +166,28 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
     r4 = subprocess.run([*cmd, "--publish-only"], capture_output=True, text=True, cwd=ROOT)
     assert r4.returncode == 0, r4.stderr[-3000:]
     assert json.loads((tmp_path / "results" / "cap_named.json").read_text()) == rows
+    # with the prior, finished runs are re-decided from their recorded checks: a rollback
+    # scores exactly the source's weights (nothing is computed under --publish-only)
+    shenzhen = sorted(p.stem for p in (data / "shenzhen" / "images").iterdir())
+    (splits / "shenzhen_train.txt").write_text("\n".join(shenzhen) + "\n")
+    (tmp_path / "p.json").write_text(json.dumps({**proto, "prior": True}))
+    r6 = subprocess.run([*cmd, "--publish-only"], capture_output=True, text=True, cwd=ROOT)
+    assert r6.returncode == 0, r6.stderr[-3000:]
+    with_prior = json.loads((tmp_path / "results" / "cap_named.json").read_text())
+    before = next(r for r in rows if r["preset"] == "severe" and r["method"] == "med-nca")
+    for r in with_prior:
+        old = next(
+            o
+            for o in rows
+            if o["preset"] == r["preset"]
+            and o["method"] == r["method"]
+            and o["n_finetune_images"] == r["n_finetune_images"]
+        )
+        if r.get("verdict") == "rolled back":
+            assert r["dice_mean"] == before["dice_mean"]
+        elif r["method"] == "vwsl":
+            assert r["selected_epoch"] == old["selected_epoch"] and r == old
+    (tmp_path / "p.json").write_text(json.dumps(proto))
     fresh = [str(tmp_path / "fresh") if c == str(tmp_path / "work") else c for c in cmd]
     r5 = subprocess.run([*fresh, "--publish-only"], capture_output=True, text=True, cwd=ROOT)
     assert r5.returncode == 0, r5.stderr[-3000:]
@@ -775,3 +797,38 @@ def test_prior_share_probe_judges_a_capture_unit_only_where_its_weights_were_sco
     checks[0]["area"] = 0.31  # now every check moves away from the prior: rolled back
     (tmp_path / "vwsl-moderate-n16-s0.json").write_text(json.dumps(unit))
     assert capture_rows(tmp_path, prior=0.25)[0]["gain"]["default+prior"] == 0.0
+
+
+def test_rechoose_applies_another_rule_to_the_checks_a_decision_recorded():
+    """A net that differs only in its rule (here the prior) re-decides from the recorded
+    figures; the same rule gives the same decision."""
+    from experiments.common import rechoose
+    from nca_jax.config import FinetuneConfig
+    from nca_jax.guard import choose
+
+    src = {"area": 0.30, "quality": 0.20, "agreement": 0.9, "stray": 0.1}
+    checks = [
+        {"epoch": 20, "area": 0.28, "quality": 0.19, "agreement": 0.9, "stray": 0.1},
+        {"epoch": 40, "area": 0.32, "quality": 0.18, "agreement": 0.9, "stray": 0.1},
+    ]
+    d = choose(checks, src, FinetuneConfig())
+    assert d["epoch"] == 40 and rechoose(d, FinetuneConfig()) == d
+    with_prior = rechoose(d, FinetuneConfig(prior_share=0.25))
+    assert with_prior["epoch"] == 20 and with_prior["criterion"]["source"] == src
+
+
+def test_vwsl_study_methods_take_the_prior_from_the_default_unless_told(monkeypatch):
+    """Method.prior None follows finetune.py's default (guard.PRIOR_BY_DEFAULT); the prior is
+    a safety-net field, so a method with it still reuses the runs of one without."""
+    from experiments import vwsl_study as vs
+
+    proto = VwslProtocol(sources={}, methods=(), directions=())
+    plain, told = vs.Method(name="a"), vs.Method(name="b", prior=True)
+    monkeypatch.setattr(vs, "PRIOR_BY_DEFAULT", False)
+    assert vs.finetune_config(plain, 0, proto, "", 0.252).prior_share == 0.0
+    assert vs.finetune_config(told, 0, proto, "", 0.252).prior_share == 0.252
+    monkeypatch.setattr(vs, "PRIOR_BY_DEFAULT", True)
+    a = vs.finetune_config(plain, 0, proto, "", 0.252)
+    assert a.prior_share == 0.252
+    assert vs.training_fields(a) == vs.training_fields(vs.finetune_config(told, 0, proto, "", 0))
+    assert vs.check_tag(a) == "default"  # the same checks: only the rule differs
