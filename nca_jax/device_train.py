@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,7 @@ from nca_jax.cli import run_cli
 from nca_jax.config import FinetuneConfig, atomic_write_bytes, atomic_write_text, to_json
 from nca_jax.data import Dataset, load_folder, load_split
 from nca_jax.errors import ConfigError, DeviceError
-from nca_jax.guard import choose, moment_check, verdict_line
+from nca_jax.guard import PRIOR_BY_DEFAULT, choose, moment_check, verdict_line
 from nca_jax.paths import check_output_folder
 from nca_jax.render import save_image
 
@@ -285,23 +286,33 @@ def guard_config(a: argparse.Namespace) -> FinetuneConfig:
     the sidecar's train_mask_share, which export_tflite.py copies from the source run); read
     before anything is written."""
     prior: Any = 0.0
-    if a.prior_share == "auto":
+    value = a.prior_share
+    if value is None and PRIOR_BY_DEFAULT:
+        value = "auto"
+    if value == "auto":
         side = Path(f"{a.model}.json")
         try:
             prior = json.loads(side.read_text()).get("train_mask_share")
         except (OSError, ValueError, AttributeError) as e:
             raise DeviceError(f"{side}: not a readable export sidecar ({e})") from e
-        if not isinstance(prior, int | float):
+        if not isinstance(prior, int | float) and a.prior_share is None:  # the default
+            print(
+                f"warning: no anatomical prior in the safety net: {side} has no "
+                "train_mask_share (pass --prior-share P)",
+                file=sys.stderr,
+            )
+            prior = 0.0
+        elif not isinstance(prior, int | float):
             raise DeviceError(
                 f"{a.model}.json: no train_mask_share (exported from a run that did not record "
                 "it): pass --prior-share with the mean lung share of the training masks"
             )
-    elif a.prior_share is not None:
+    elif value is not None and value != "none":
         try:
-            prior = float(a.prior_share)
+            prior = float(value)
         except ValueError:
             raise DeviceError(
-                f"--prior-share must be 'auto' or a number, got {a.prior_share!r}"
+                f"--prior-share must be 'auto', 'none' or a number, got {value!r}"
             ) from None
     fc = FinetuneConfig(
         check_every=a.check_every, check_images=a.check_images, prior_share=float(prior)
@@ -463,8 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
             s.add_argument(
                 "--prior-share",
-                help="anatomical prior: 'auto' (the sidecar's train_mask_share) or a number "
-                "(default: none)",
+                help="anatomical prior: 'auto' (the sidecar's train_mask_share), a number or "
+                "'none' (default: "
+                + ("'auto', or none with a warning)" if PRIOR_BY_DEFAULT else "none)"),
             )
     a = p.parse_args(argv)
     if getattr(a, "epochs", 1) < 1:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from nca_jax import checkpoint as ckpt
@@ -13,6 +14,7 @@ from nca_jax.cli import run_cli
 from nca_jax.config import ConfigError, FinetuneConfig, load_config
 from nca_jax.data import load_folder, load_split
 from nca_jax.finetuning import finetune
+from nca_jax.guard import PRIOR_BY_DEFAULT
 from nca_jax.paths import check_output_folder
 
 
@@ -55,8 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--prior-share",
         help="anatomical prior for the checks: 'auto' (the source run's train_mask_share in "
-        "run.json) or a number, the mean lung share of the source site's training masks; a "
-        "check then fails when its lung share moves away from it (default: no prior)",
+        "run.json), a number (the mean lung share of the source site's training masks) or "
+        "'none'; a check then fails when its lung share moves away from it (default: "
+        + (
+            "'auto', or none with a warning when the run lacks it)" if PRIOR_BY_DEFAULT else "none)"
+        ),
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true")
@@ -73,15 +78,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prior_share(value: str | None, run: str | Path) -> float | None:
-    """--prior-share: None (not given), 'auto' (the source run's run.json train_mask_share)
-    or a number in [0, 1)."""
+    """--prior-share: None (not given), 'auto' (the source run's run.json train_mask_share),
+    'none' (0: no prior) or a number in [0, 1)."""
     if value is None:
         return None
+    if value == "none":
+        return 0.0
     if value != "auto":
         try:
             return float(value)
         except ValueError:
-            raise ConfigError(f"--prior-share must be 'auto' or a number, got {value!r}") from None
+            raise ConfigError(
+                f"--prior-share must be 'auto', 'none' or a number, got {value!r}"
+            ) from None
     share = ckpt.run_summary(run).get("train_mask_share")
     if not isinstance(share, int | float):
         raise ConfigError(
@@ -92,8 +101,24 @@ def prior_share(value: str | None, run: str | Path) -> float | None:
     return float(share)
 
 
-def build_config(a: argparse.Namespace) -> FinetuneConfig:
+def default_prior_share(run: str | Path, warn: Callable[[str], None]) -> float | None:
+    """The prior when neither the command line nor the config sets one: 'auto' when
+    PRIOR_BY_DEFAULT, falling back to no prior (with a warning) for a run that lacks the
+    share."""
+    if not PRIOR_BY_DEFAULT:
+        return None
+    try:
+        return prior_share("auto", run)
+    except ConfigError as e:
+        warn(f"no anatomical prior in the safety net: {e}")
+        return None
+
+
+def build_config(
+    a: argparse.Namespace, warn: Callable[[str], None] = lambda m: None
+) -> FinetuneConfig:
     base = FinetuneConfig()
+    section: dict = {}
     if a.config:
         try:
             data = json.loads(Path(a.config).read_text())
@@ -124,7 +149,9 @@ def build_config(a: argparse.Namespace) -> FinetuneConfig:
         "check_every": a.check_every,
         "rollback": False if a.no_rollback else None,
         "keep": a.keep,
-        "prior_share": prior_share(a.prior_share, a.run),
+        "prior_share": prior_share(a.prior_share, a.run)
+        if a.prior_share is not None or "prior_share" in section
+        else default_prior_share(a.run, warn),
     }
     fc = dataclasses.replace(
         base, **{k: v for k, v in over.items() if v is not None}, source_run=str(a.run)
@@ -143,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ckpt.RunError(f"{out}: not a fine-tuning run")
         fc = saved.finetune
     else:
-        fc = build_config(a)  # bad gamma / lr: error before anything is read or written
+        # bad gamma / lr: error before anything is read or written
+        fc = build_config(a, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     source, params = ckpt.load_run(a.run, a.weights)
     size = source.train.image_size
     kw = {

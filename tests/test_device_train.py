@@ -85,7 +85,7 @@ def test_stand_in_bad_inputs_exit_2(exported, tmp_path, capsys):
         (("predict", "--model", model, "--weights", bad), "do not fit the model"),
         (("train", "--model", model, "--data", tmp_path / "nodata"), "nodata"),
         (("finetune", "--model", model, "--prior-share", "auto"), "no train_mask_share"),
-        (("finetune", "--model", model, "--prior-share", "lungs"), "'auto' or a number"),
+        (("finetune", "--model", model, "--prior-share", "lungs"), "'auto', 'none' or a number"),
         (("finetune", "--model", model, "--prior-share", "1.5"), "prior_share must lie"),
     ]
     for args, msg in cases:

@@ -150,7 +150,7 @@ def test_prior_share_option_reads_the_source_runs_training_share(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"train_mask_share": 0.2517}))
     assert prior_share("auto", tmp_path) == 0.2517
     assert prior_share("0.26", tmp_path) == 0.26 and prior_share(None, tmp_path) is None
-    with pytest.raises(ConfigError, match="'auto' or a number"):
+    with pytest.raises(ConfigError, match="'auto', 'none' or a number"):
         prior_share("lungs", tmp_path)
     (tmp_path / "run.json").write_text(json.dumps({"finished": True}))
     with pytest.raises(ConfigError, match="run.json: no train_mask_share"):
@@ -160,6 +160,22 @@ def test_prior_share_option_reads_the_source_runs_training_share(tmp_path):
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(RunError, match="run.json: not a readable run summary"):
         prior_share("auto", tmp_path)
+
+
+def test_the_prior_by_default_falls_back_with_a_warning_for_a_run_without_the_share(
+    tmp_path, monkeypatch
+):
+    from nca_jax import finetune_cli
+
+    warned = []
+    monkeypatch.setattr(finetune_cli, "PRIOR_BY_DEFAULT", False)
+    assert finetune_cli.default_prior_share(tmp_path, warned.append) is None and not warned
+    monkeypatch.setattr(finetune_cli, "PRIOR_BY_DEFAULT", True)
+    assert finetune_cli.default_prior_share(tmp_path, warned.append) is None
+    assert len(warned) == 1 and "no anatomical prior" in warned[0]
+    (tmp_path / "run.json").write_text(json.dumps({"train_mask_share": 0.25}))
+    assert finetune_cli.default_prior_share(tmp_path, warned.append) == 0.25
+    assert finetune_cli.prior_share("none", tmp_path) == 0.0
 
 
 @pytest.mark.parametrize(
