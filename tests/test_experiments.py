@@ -112,6 +112,8 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
     names = sorted(p.stem for p in (data / "montgomery" / "images").iterdir())
     (splits / "montgomery_test.txt").write_text("\n".join(names[:3]) + "\n")
     (splits / "montgomery_train.txt").write_text("\n".join(names[3:]) + "\n")
+    shenzhen = sorted(p.stem for p in (data / "shenzhen" / "images").iterdir())
+    (splits / "shenzhen_train.txt").write_text("\n".join(shenzhen) + "\n")  # the prior's P
     run = tmp_path / "source"
     train_and_evaluate(tiny_cfg, load_folder(data / "shenzhen", size=32), run, progress=False)
     proto = {
@@ -168,8 +170,6 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
     assert json.loads((tmp_path / "results" / "cap_named.json").read_text()) == rows
     # with the prior, finished runs are re-decided from their recorded checks: a rollback
     # scores exactly the source's weights (nothing is computed under --publish-only)
-    shenzhen = sorted(p.stem for p in (data / "shenzhen" / "images").iterdir())
-    (splits / "shenzhen_train.txt").write_text("\n".join(shenzhen) + "\n")
     (tmp_path / "p.json").write_text(json.dumps({**proto, "prior": True}))
     r6 = subprocess.run([*cmd, "--publish-only"], capture_output=True, text=True, cwd=ROOT)
     assert r6.returncode == 0, r6.stderr[-3000:]
