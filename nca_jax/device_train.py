@@ -35,7 +35,13 @@ from nca_jax.cli import run_cli
 from nca_jax.config import FinetuneConfig, atomic_write_bytes, atomic_write_text, to_json
 from nca_jax.data import Dataset, load_folder, load_split
 from nca_jax.errors import ConfigError, DeviceError
-from nca_jax.guard import PRIOR_BY_DEFAULT, choose, moment_check, verdict_line
+from nca_jax.guard import (
+    PRIOR_BY_DEFAULT,
+    choose,
+    moment_check,
+    resolve_prior_share,
+    verdict_line,
+)
 from nca_jax.paths import check_output_folder
 from nca_jax.render import save_image
 
@@ -285,37 +291,23 @@ def guard_config(a: argparse.Namespace) -> FinetuneConfig:
     """The safety net's settings from --check-every, --check-images and --prior-share ('auto':
     the sidecar's train_mask_share, which export_tflite.py copies from the source run); read
     before anything is written."""
-    prior: Any = 0.0
-    value = a.prior_share
-    if value is None and PRIOR_BY_DEFAULT:
-        value = "auto"
-    if value == "auto":
-        side = Path(f"{a.model}.json")
+    side = Path(f"{a.model}.json")
+
+    def recorded() -> Any:
         try:
-            prior = json.loads(side.read_text()).get("train_mask_share")
+            return json.loads(side.read_text()).get("train_mask_share")
         except (OSError, ValueError, AttributeError) as e:
             raise DeviceError(f"{side}: not a readable export sidecar ({e})") from e
-        if not isinstance(prior, int | float) and a.prior_share is None:  # the default
-            print(
-                f"warning: no anatomical prior in the safety net: {side} has no "
-                "train_mask_share (pass --prior-share P)",
-                file=sys.stderr,
-            )
-            prior = 0.0
-        elif not isinstance(prior, int | float):
-            raise DeviceError(
-                f"{a.model}.json: no train_mask_share (exported from a run that did not record "
-                "it): pass --prior-share with the mean lung share of the training masks"
-            )
-    elif value is not None and value != "none":
-        try:
-            prior = float(value)
-        except ValueError:
-            raise DeviceError(
-                f"--prior-share must be 'auto', 'none' or a number, got {value!r}"
-            ) from None
+
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    try:
+        prior = resolve_prior_share(a.prior_share, recorded, str(side), warn)
+    except ConfigError as e:
+        raise DeviceError(str(e)) from e
     fc = FinetuneConfig(
-        check_every=a.check_every, check_images=a.check_images, prior_share=float(prior)
+        check_every=a.check_every, check_images=a.check_images, prior_share=prior or 0.0
     )
     try:
         fc.validate()

@@ -14,7 +14,7 @@ from nca_jax.cli import run_cli
 from nca_jax.config import ConfigError, FinetuneConfig, load_config
 from nca_jax.data import load_folder, load_split
 from nca_jax.finetuning import finetune
-from nca_jax.guard import PRIOR_BY_DEFAULT
+from nca_jax.guard import PRIOR_BY_DEFAULT, resolve_prior_share
 from nca_jax.paths import check_output_folder
 
 
@@ -77,43 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prior_share(value: str | None, run: str | Path) -> float | None:
-    """--prior-share: None (not given), 'auto' (the source run's run.json train_mask_share),
-    'none' (0: no prior) or a number in [0, 1)."""
-    if value is None:
-        return None
-    if value == "none":
-        return 0.0
-    if value != "auto":
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(
-                f"--prior-share must be 'auto', 'none' or a number, got {value!r}"
-            ) from None
-    share = ckpt.run_summary(run).get("train_mask_share")
-    if not isinstance(share, int | float):
-        raise ConfigError(
-            f"{Path(run) / 'run.json'}: no train_mask_share (the run was trained before "
-            "train.py recorded it): pass --prior-share with the mean lung share of its "
-            "training masks"
-        )
-    return float(share)
-
-
-def default_prior_share(run: str | Path, warn: Callable[[str], None]) -> float | None:
-    """The prior when neither the command line nor the config sets one: 'auto' when
-    PRIOR_BY_DEFAULT, falling back to no prior (with a warning) for a run that lacks the
-    share."""
-    if not PRIOR_BY_DEFAULT:
-        return None
-    try:
-        return prior_share("auto", run)
-    except ConfigError as e:
-        warn(f"no anatomical prior in the safety net: {e}")
-        return None
-
-
 def build_config(
     a: argparse.Namespace, warn: Callable[[str], None] = lambda m: None
 ) -> FinetuneConfig:
@@ -149,9 +112,15 @@ def build_config(
         "check_every": a.check_every,
         "rollback": False if a.no_rollback else None,
         "keep": a.keep,
-        "prior_share": prior_share(a.prior_share, a.run)
-        if a.prior_share is not None or "prior_share" in section
-        else default_prior_share(a.run, warn),
+        # a config's prior_share stands unless --prior-share is given
+        "prior_share": None
+        if a.prior_share is None and "prior_share" in section
+        else resolve_prior_share(
+            a.prior_share,
+            lambda: ckpt.run_summary(a.run).get("train_mask_share"),
+            str(Path(a.run) / "run.json"),
+            warn,
+        ),
     }
     fc = dataclasses.replace(
         base, **{k: v for k, v in over.items() if v is not None}, source_run=str(a.run)

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from nca_jax.config import FinetuneConfig
+from nca_jax.errors import ConfigError
 from nca_jax.metrics import dice, foreground_fraction, quality_score, stray_share
 
 VERDICTS = ("adapted", "rolled back")
@@ -92,6 +94,46 @@ def prior_ok(area: float, source_area: float, prior: float) -> bool:
     """The anatomical-prior rule: the predicted lung share `area` is no farther from the prior
     share than the source model's share on the same images."""
     return abs(area - prior) <= abs(source_area - prior)
+
+
+def resolve_prior_share(
+    value: str | None,
+    recorded: Callable[[], Any],
+    where: str,
+    warn: Callable[[str], None],
+) -> float | None:
+    """The prior share P from a --prior-share value, for finetune.py and the phone stand-in.
+
+    value: 'auto' (the source's recorded training-mask lung share, read by `recorded()` from
+    `where`: a run.json or an export sidecar), 'none' (0.0: no prior), a number, or None (not
+    given). None gives None (keep the config's) when PRIOR_BY_DEFAULT is off, else 'auto' with
+    a warning and None when the source lacks the share. Raises ConfigError for a bad value or
+    an explicit 'auto' without a recorded share; errors raised by `recorded()` pass through.
+    """
+    if value is None:
+        if not PRIOR_BY_DEFAULT:
+            return None
+        try:
+            return resolve_prior_share("auto", recorded, where, warn)
+        except ConfigError as e:
+            warn(f"no anatomical prior in the safety net: {e}")
+            return None
+    if value == "none":
+        return 0.0
+    if value != "auto":
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(
+                f"--prior-share must be 'auto', 'none' or a number, got {value!r}"
+            ) from None
+    share = recorded()
+    if isinstance(share, bool) or not isinstance(share, int | float):
+        raise ConfigError(
+            f"{where}: no train_mask_share (made before train.py recorded it): pass "
+            "--prior-share with the mean lung share of the source's training masks"
+        )
+    return float(share)
 
 
 def judge(check: dict[str, float], source: dict[str, float], fc: FinetuneConfig) -> list[str]:

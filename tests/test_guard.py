@@ -144,38 +144,58 @@ def test_prior_rule_lets_the_lung_share_move_only_towards_the_prior():
     assert d["verdict"] == "rolled back" and "moved away from the prior" in verdict_line(d)
 
 
-def test_prior_share_option_reads_the_source_runs_training_share(tmp_path):
-    from nca_jax.finetune_cli import prior_share
+def _prior(value, run, warn=lambda m: None, *, config=None):
+    """finetune.py's prior share for --prior-share `value` (None: not given) and an optional
+    config file holding `config` as its finetune section."""
+    from nca_jax import finetune_cli
 
+    argv = ["--run", str(run), "--data", str(run), "--out", str(run / "out")]
+    if value is not None:
+        argv += ["--prior-share", value]
+    if config is not None:
+        (run / "ft.json").write_text(json.dumps({"finetune": config}))
+        argv += ["--config", str(run / "ft.json")]
+    return finetune_cli.build_config(finetune_cli.parse_args(argv), warn).prior_share
+
+
+def test_prior_share_option_reads_the_source_runs_training_share(tmp_path, monkeypatch):
+    monkeypatch.setattr("nca_jax.guard.PRIOR_BY_DEFAULT", False)
     (tmp_path / "run.json").write_text(json.dumps({"train_mask_share": 0.2517}))
-    assert prior_share("auto", tmp_path) == 0.2517
-    assert prior_share("0.26", tmp_path) == 0.26 and prior_share(None, tmp_path) is None
+    assert _prior("auto", tmp_path) == 0.2517
+    assert _prior("0.26", tmp_path) == 0.26 and _prior(None, tmp_path) == 0.0
+    assert _prior("none", tmp_path, config={"prior_share": 0.3}) == 0.0
+    assert _prior(None, tmp_path, config={"prior_share": 0.3}) == 0.3  # the config's stands
     with pytest.raises(ConfigError, match="'auto', 'none' or a number"):
-        prior_share("lungs", tmp_path)
+        _prior("lungs", tmp_path)
+    with pytest.raises(ConfigError, match="prior_share must lie"):
+        _prior("1.5", tmp_path)
     (tmp_path / "run.json").write_text(json.dumps({"finished": True}))
     with pytest.raises(ConfigError, match="run.json: no train_mask_share"):
-        prior_share("auto", tmp_path)
+        _prior("auto", tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"train_mask_share": True}))
     with pytest.raises(ConfigError, match="no train_mask_share"):
-        prior_share("auto", tmp_path / "missing")
+        _prior("auto", tmp_path)
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(ConfigError, match="no train_mask_share"):
+        _prior("auto", tmp_path)
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(RunError, match="run.json: not a readable run summary"):
-        prior_share("auto", tmp_path)
+        _prior("auto", tmp_path)
 
 
 def test_the_prior_by_default_falls_back_with_a_warning_for_a_run_without_the_share(
     tmp_path, monkeypatch
 ):
-    from nca_jax import finetune_cli
-
     warned = []
-    monkeypatch.setattr(finetune_cli, "PRIOR_BY_DEFAULT", False)
-    assert finetune_cli.default_prior_share(tmp_path, warned.append) is None and not warned
-    monkeypatch.setattr(finetune_cli, "PRIOR_BY_DEFAULT", True)
-    assert finetune_cli.default_prior_share(tmp_path, warned.append) is None
+    monkeypatch.setattr("nca_jax.guard.PRIOR_BY_DEFAULT", False)
+    assert _prior(None, tmp_path, warned.append) == 0.0 and not warned
+    monkeypatch.setattr("nca_jax.guard.PRIOR_BY_DEFAULT", True)
+    assert _prior(None, tmp_path, warned.append) == 0.0
     assert len(warned) == 1 and "no anatomical prior" in warned[0]
     (tmp_path / "run.json").write_text(json.dumps({"train_mask_share": 0.25}))
-    assert finetune_cli.default_prior_share(tmp_path, warned.append) == 0.25
-    assert finetune_cli.prior_share("none", tmp_path) == 0.0
+    assert _prior(None, tmp_path, warned.append) == 0.25 and len(warned) == 1
+    assert _prior("none", tmp_path) == 0.0
+    assert _prior(None, tmp_path, config={"prior_share": 0.3}) == 0.3
 
 
 @pytest.mark.parametrize(
@@ -279,3 +299,35 @@ def test_finetune_cli_ends_with_the_verdict_line(tiny_run, tmp_path, capsys):
     assert "check_area" in rows[-1] and "term_seg" in rows[-1] and "term_cons1" in rows[-1]
     assert 0.0 <= rows[-1]["check_stray"] <= 1.0
     assert (out / "snapshots" / "epoch0002.npz").exists()
+
+
+def test_the_phone_stand_in_reads_the_prior_from_the_export_sidecar(tmp_path, monkeypatch, capsys):
+    """device_train's --prior-share resolves like finetune.py's, from the sidecar that
+    export_tflite.py writes beside the model; every bad value is a DeviceError."""
+    from argparse import Namespace
+
+    from nca_jax.device_train import guard_config
+    from nca_jax.errors import DeviceError
+
+    model, side = tmp_path / "m.tflite", tmp_path / "m.tflite.json"
+
+    def prior(value):
+        a = Namespace(model=str(model), prior_share=value, check_every=20, check_images=16)
+        return guard_config(a).prior_share
+
+    side.write_text(json.dumps({"train_mask_share": 0.26}))
+    monkeypatch.setattr("nca_jax.guard.PRIOR_BY_DEFAULT", False)
+    assert prior(None) == 0.0 and prior("auto") == 0.26 and prior("0.3") == 0.3
+    monkeypatch.setattr("nca_jax.guard.PRIOR_BY_DEFAULT", True)
+    assert prior(None) == 0.26 and prior("none") == 0.0
+    side.write_text(json.dumps({"model": "med-nca"}))
+    assert prior(None) == 0.0 and "no anatomical prior" in capsys.readouterr().err
+    with pytest.raises(DeviceError, match="m.tflite.json: no train_mask_share"):
+        prior("auto")
+    with pytest.raises(DeviceError, match="'auto', 'none' or a number"):
+        prior("lungs")
+    with pytest.raises(DeviceError, match="prior_share must lie"):
+        prior("1.5")
+    side.write_text("{not json")
+    with pytest.raises(DeviceError, match="not a readable export sidecar"):
+        prior(None)
