@@ -832,3 +832,32 @@ def test_vwsl_study_methods_take_the_prior_from_the_default_unless_told(monkeypa
     assert a.prior_share == 0.252
     assert vs.training_fields(a) == vs.training_fields(vs.finetune_config(told, 0, proto, "", 0))
     assert vs.check_tag(a) == "default"  # the same checks: only the rule differs
+
+
+def test_record_train_share_adds_train_pys_share_to_an_older_run(tmp_path, tiny_cfg):
+    """experiments/record_train_share.py: the share train.py would have recorded (mask pixels
+    > 0.5 of the training split at the run's size), added to run.json with the rest kept; a
+    split of another size than the run's n_train is refused, naming the file."""
+    from experiments.common import load_site
+    from experiments.record_train_share import record_share
+    from nca_jax.config import save_config
+    from nca_jax.errors import RunError
+
+    data, splits, run = tmp_path / "data", tmp_path / "splits", tmp_path / "run"
+    write_phantom_folder(data / "shenzhen", n=4, seed=3, size=32)
+    names = sorted(p.stem for p in (data / "shenzhen" / "images").iterdir())
+    splits.mkdir()
+    (splits / "shenzhen_train.txt").write_text("\n".join(names[:3]) + "\n")
+    (splits / "shenzhen_val.txt").write_text(names[3] + "\n")
+    run.mkdir()
+    save_config(tiny_cfg, run / "config.json")
+    (run / "run.json").write_text(json.dumps({"n_train": 3, "best_epoch": 7}))
+    share = record_share(run, data, splits, "shenzhen", "shenzhen_train")
+    masks = load_site(data, splits, "shenzhen", "shenzhen_train", 32).masks
+    assert share == float(np.mean(masks > 0.5)) and 0.0 < share < 1.0
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["train_mask_share"] == share and summary["best_epoch"] == 7
+    with pytest.raises(RunError, match="run.json: n_train 3 but shenzhen_val has 1"):
+        record_share(run, data, splits, "shenzhen", "shenzhen_val")
+    with pytest.raises(RunError, match="run.json: missing"):
+        record_share(tmp_path / "nothing", data, splits, "shenzhen", "shenzhen_train")
