@@ -259,6 +259,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if ft_res is None or ev is None:
                     continue
+                # the run's own weights.npz is its last epoch's when its net kept that epoch: then
+                # its evaluation is also the `last` row (VWSL without any choice), whatever a
+                # re-decision below keeps
+                last_ev = (
+                    ev
+                    if ft_res.get("verdict", "adapted") == "adapted"
+                    and ft_res.get("selected_epoch", ft_res.get("epochs_done"))
+                    == ft_res.get("epochs_done")
+                    else None
+                )
                 redecided = False
                 if "criterion" in ft_res:
                     d = rechoose(ft_res, dataclasses.replace(fbase, seed=seed))
@@ -284,6 +294,19 @@ def main(argv: list[str] | None = None) -> int:
                         selected_epoch=ft_res.get("selected_epoch"),
                     )
                 )
+                if last_ev is not None and "criterion" in ft_res:
+                    rows.append(
+                        _row(
+                            proto,
+                            preset,
+                            proto.method,
+                            n_ft,
+                            seed,
+                            last_ev,
+                            steps=ft_res["steps"],
+                            selection="last",
+                        )
+                    )
                 unc_path = work / f"unc-{preset}-vwsl-n{n_ft}-s{seed}.json"
                 if (
                     n_ft == max(proto.n_finetune)
@@ -295,10 +318,14 @@ def main(argv: list[str] | None = None) -> int:
                         lambda test=test, after=after: after(unc_samples, head(test(), unc_n)),
                         compute,
                     )
+                    run_u = u
                     if redecided:  # it scored the run's own choice: only a rollback is known
                         u = before_unc if d["epoch"] is None else None
                     if u is not None:
                         unc.append(_unc_row(preset, proto.method, n_ft, seed, u))
+                    if redecided and run_u is not None and last_ev is not None:
+                        last_u = _unc_row(preset, proto.method, n_ft, seed, run_u)
+                        unc.append({**last_u, "selection": "last"})
                 if seed == seeds[0] and n_ft == max(proto.n_finetune):
                     prefix = "capture" if proto.results_name == "capture" else proto.results_name
                     dst = res_dir / "runs" / f"{prefix}-vwsl-{src}-to-{tgt}-{preset}-n{n_ft}"
@@ -393,11 +420,12 @@ def _unc_row(preset: str, method: str, n_ft: int, seed: int, u: dict[str, Any]) 
 def tables_markdown(
     rows: list[dict[str, Any]], unc: list[dict[str, Any]], proto: CaptureProtocol, wall: float
 ) -> str:
-    def cell(preset: str, method: str, n_ft: int) -> str:
+    def cell(preset: str, method: str, n_ft: int, selection: str) -> str:
         d = [
             r
             for r in rows
-            if r["preset"] == preset and r["method"] == method and r["n_finetune_images"] == n_ft
+            if (r["preset"], r["method"], r["n_finetune_images"], r["selection"])
+            == (preset, method, n_ft, selection)
         ]
         if not d:
             return "-"
@@ -407,17 +435,28 @@ def tables_markdown(
         return f"{m:.3f} ± {np.std([r['dice_mean'] for r in d]):.3f} (seeds={len(d)})"
 
     presets = ["none", *proto.presets]
-    cols = [("med-nca", 0)] + [(proto.method, n) for n in proto.n_finetune]
-    head = "| captured as | Med-NCA | " + " | ".join(
-        f"+ VWSL ({n} images)" for n in proto.n_finetune
-    )
+    # VWSL as kept (the safety net's choice, or the last epoch without checks), then, where the
+    # net chose other weights, the last epoch's too: what VWSL itself did
+    sel = {r["selection"] for r in rows if r["method"] == proto.method}
+    kept = "label-free" if "label-free" in sel else "last"
+    cols = [("med-nca", 0, "last", "Med-NCA")] + [
+        (proto.method, n, kept, f"+ VWSL ({n} images)") for n in proto.n_finetune
+    ]
+    if kept == "label-free" and "last" in sel:
+        cols += [(proto.method, n, "last", f"VWSL's last epoch ({n})") for n in proto.n_finetune]
+    head = "| captured as | " + " | ".join(c[3] for c in cols)
     lines = [head + " |", "|---" * (len(cols) + 1) + "|"]
     for preset in presets:
-        cells = [cell(preset, m, n) if preset != "none" or m == "med-nca" else "-" for m, n in cols]
+        cells = [
+            cell(preset, m, n, s) if preset != "none" or m == "med-nca" else "-"
+            for m, n, s, _ in cols
+        ]
         lines.append(f"| {preset} | " + " | ".join(cells) + " |")
     ul = ["| captured as | model | quality (mean ± std over images) | Dice |", "|---|---|---|---|"]
     for u in unc:
         label = "Med-NCA" if u["method"] == "med-nca" else f"+ VWSL ({u['n_finetune_images']})"
+        if u.get("selection") == "last":
+            label = f"VWSL's last epoch ({u['n_finetune_images']})"
         ul.append(
             f"| {u['preset']} | {label} | {u['quality_mean']:.3f} ± {u['quality_std']:.3f} "
             f"| {u['dice_mean']:.3f} |"
@@ -426,7 +465,9 @@ def tables_markdown(
         f"Trained on {proto.train_site} (clean), tested on {proto.test_site} test images "
         f"captured with each preset (capture seed {proto.capture_seed}); Dice: mean "
         "over test images; ± std over test images for one run, over VWSL seeds "
-        f"{list(proto.seeds)} otherwise.\n\n"
+        f"{list(proto.seeds)} otherwise. + VWSL: the weights the safety net kept (the "
+        "source's when it rolled back); VWSL's last epoch: the run's final weights, where its "
+        "checks kept them before any re-decision (labels used only to score).\n\n"
         + "\n".join(lines)
         + f"\n\nUncertainty on the first {proto.uncertainty_images} test images "
         f"({proto.uncertainty_samples} samples each):\n\n"

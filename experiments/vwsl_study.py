@@ -717,7 +717,15 @@ def markdown(rows: list[dict], curves: list[dict], p: Protocol) -> str:
     out.append(
         f"Dice of the mean of {p.eval_samples} stochastic predictions, 50 target test "
         f"images; mean ± std over seeds (per-seed values in brackets). Paper: "
-        f"{PAPER_GAIN}."
+        f"{PAPER_GAIN}. Selection `label-free` is the safety net as finetune.py runs it with "
+        "no options (nca_jax/guard.py): the lung-share band and the quality score"
+        + (
+            ", and the anatomical prior (the lung share may only move towards the source "
+            "site's training-mask share)"
+            if PRIOR_BY_DEFAULT
+            else " (no anatomical prior)"
+        )
+        + "; `oracle` picks the epoch by target labels, for reference only."
     )
     out += [
         "",
