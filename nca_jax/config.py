@@ -162,8 +162,9 @@ class FinetuneConfig:
     run rolls back to the source weights (rollback=True). With prior_share P > 0 (the mean
     lung share of the source site's training masks, which train.py records in run.json as
     train_mask_share) a check must also keep its lung share no farther from P than the source
-    model's share on the same images: an anatomical prior with a direction (off by default
-    until its held-out cases are in; results/README.md)."""
+    model's share on the same images: an anatomical prior with a direction. finetune.py
+    sets P from the source run unless told otherwise (nca_jax.guard.PRIOR_BY_DEFAULT); the
+    dataclass's own default, 0.0, is no prior."""
 
     method: str = "vwsl"
     update: str = "all"  # parameters that change: "all", or "norm" (batch-norm scale, shift)
