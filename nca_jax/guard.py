@@ -132,7 +132,8 @@ def resolve_prior_share(
     if isinstance(share, bool) or not isinstance(share, int | float):
         raise ConfigError(
             f"{where}: no train_mask_share (made before train.py recorded it): pass "
-            "--prior-share with the mean lung share of the source's training masks"
+            "--prior-share with the mean lung share of the source's training masks, or add it "
+            "to the run with experiments/record_train_share.py"
         )
     return float(share)
 
