@@ -259,15 +259,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if ft_res is None or ev is None:
                     continue
-                # the run's own weights.npz is its last epoch's when its net kept that epoch: then
-                # its evaluation is also the `last` row (VWSL without any choice), whatever a
-                # re-decision below keeps
+                # a checked run's weights.npz is its last epoch's when its net kept that epoch:
+                # then its evaluation is also the `last` row (VWSL without any choice), whatever
+                # a re-decision below keeps
                 last_ev = (
                     ev
-                    if ft_res.get("verdict", "adapted") == "adapted"
-                    and ft_res.get("selected_epoch", ft_res.get("epochs_done"))
-                    == ft_res.get("epochs_done")
+                    if "criterion" in ft_res
+                    and ft_res.get("verdict") == "adapted"
+                    and ft_res.get("selected_epoch") == ft_res.get("epochs_done")
                     else None
+                )
+                vwsl_row = functools.partial(
+                    _row, proto, preset, proto.method, n_ft, seed, steps=ft_res["steps"]
                 )
                 redecided = False
                 if "criterion" in ft_res:
@@ -282,31 +285,14 @@ def main(argv: list[str] | None = None) -> int:
                         if ev is None:
                             continue
                 rows.append(
-                    _row(
-                        proto,
-                        preset,
-                        proto.method,
-                        n_ft,
-                        seed,
+                    vwsl_row(
                         ev,
-                        steps=ft_res["steps"],
                         verdict=ft_res.get("verdict"),
                         selected_epoch=ft_res.get("selected_epoch"),
                     )
                 )
-                if last_ev is not None and "criterion" in ft_res:
-                    rows.append(
-                        _row(
-                            proto,
-                            preset,
-                            proto.method,
-                            n_ft,
-                            seed,
-                            last_ev,
-                            steps=ft_res["steps"],
-                            selection="last",
-                        )
-                    )
+                if last_ev is not None:
+                    rows.append(vwsl_row(last_ev, selection="last"))
                 unc_path = work / f"unc-{preset}-vwsl-n{n_ft}-s{seed}.json"
                 if (
                     n_ft == max(proto.n_finetune)
