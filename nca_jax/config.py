@@ -100,6 +100,10 @@ class TrainConfig:
     # deep supervision: + this weight x the loss of level 1's lung logits (upsampled, whole
     # image) against the mask; 0 = the authors' loss on the level-2 patch only
     level1_loss_weight: float = 0.0
+    # Polyak averaging: > 0 keeps an exponential moving average of the weights (ema <- d x ema
+    # + (1 - d) x weights after every step, starting at the initial weights); validation, the
+    # best and the last weights are then the average's. 0 = the authors' (no average)
+    ema_decay: float = 0.0
     loss: str = "dice_bce"  # "dice_bce" or "dice_focal"
     focal_gamma: float = 2.0
     skip_empty_patches: bool = True  # authors: a batch whose patch labels are all empty is skipped
@@ -140,6 +144,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.level1_loss_weight must be >= 0, got {self.level1_loss_weight}"
             )
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
 
 
 FINETUNE_METHODS = ("vwsl", "pseudo-label", "entropy")

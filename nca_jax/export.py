@@ -147,6 +147,7 @@ class Functions:
         flat = flatten_params(params)
         self.names = list(flat)
         self.params0 = [flat[k] for k in self.names]
+        # the phone's `train` is the plain optimizer step: no weight average (train.ema_decay)
         self.train_opt = make_optimizer(
             dataclasses.replace(cfg.train, lr=spec.train_lr)
             if isinstance(cfg.train, TrainConfig)

@@ -63,6 +63,45 @@ def make_optimizer(tc: TrainConfig | FinetuneConfig) -> optax.GradientTransforma
     return optax.multi_transform({"train": adam, "freeze": optax.set_to_zero()}, norm_labels)
 
 
+class ParamEmaState(NamedTuple):
+    """param_ema's state: the running average of the parameters (the params pytree)."""
+
+    ema: Params
+
+
+def param_ema(decay: float) -> optax.GradientTransformation:
+    """Polyak averaging as the last link of an optax chain: the updates pass unchanged and the
+    state tracks ema <- decay x ema + (1 - decay) x (params + updates), i.e. the average of the
+    weights after each step, starting at the initial weights. Living in the optimizer state, it
+    is checkpointed, guarded (a skipped step leaves it) and resumed with the rest."""
+
+    def init(params: Params) -> ParamEmaState:
+        return ParamEmaState(jax.tree_util.tree_map(jnp.copy, params))
+
+    def update(updates, state: ParamEmaState, params: Params | None = None):
+        if params is None:
+            raise ValueError("param_ema needs the parameters (opt.update(g, state, params))")
+        new = optax.apply_updates(params, updates)
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new)
+        return updates, ParamEmaState(ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_train_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """Supervised training's optimizer: make_optimizer, followed by param_ema when
+    tc.ema_decay > 0 (without it the state is exactly make_optimizer's, so older checkpoints
+    resume)."""
+    opt = make_optimizer(tc)
+    return optax.chain(opt, param_ema(tc.ema_decay)) if tc.ema_decay > 0 else opt
+
+
+def delivered_params(state: TrainState, tc: TrainConfig) -> Params:
+    """The weights a supervised run validates and saves: the average of param_ema when
+    tc.ema_decay > 0, else the trained parameters themselves."""
+    return state.opt_state[-1].ema if tc.ema_decay > 0 else state.params
+
+
 def norm_labels(params: Params) -> Params:
     """'train' for the batch-norm leaves (scale, bias under 'norm'), 'freeze' for the others."""
     return jax.tree_util.tree_map_with_path(
@@ -77,7 +116,7 @@ def init_state(cfg: RunConfig, params: Params | None = None) -> TrainState:
     root = jax.random.key(cfg.train.seed)
     if params is None:
         params = init_params(cfg.model, key=jax.random.fold_in(root, INIT_KEY))
-    opt = make_optimizer(cfg.train)
+    opt = make_train_optimizer(cfg.train)
     return TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))
 
 
@@ -146,7 +185,7 @@ def make_train_step(
     def loss_fn(params: Params, batch: dict[str, jax.Array], key: jax.Array):
         return supervised_loss(params, batch["images"], batch["masks"], cfg=cfg, key=key)
 
-    return make_update_step(make_optimizer(cfg.train), loss_fn)
+    return make_update_step(make_train_optimizer(cfg.train), loss_fn)
 
 
 def supervised_loss(
@@ -250,7 +289,11 @@ def train_and_evaluate(
         resume=resume,
         progress=progress,
         stop=Stop(stop_after_epochs, stop_at_val_dice),
-        hooks=Hooks(step_fn_at=step_at, schedule=make_optimizer_schedule(cfg.train)),
+        hooks=Hooks(
+            step_fn_at=step_at,
+            schedule=make_optimizer_schedule(cfg.train),
+            delivered=(lambda st: delivered_params(st, cfg.train)) if cfg.train.ema_decay else None,
+        ),
         log=log,
         summary_extra={
             "train_source": train.source,
@@ -282,12 +325,14 @@ class Hooks:
     step_fn_at(epoch): the step function of each epoch (a curriculum);
     refresh(epoch, params): new `carried` arrays at the start of an epoch (None = keep);
     on_epoch_end(epoch, params): extra fields for that epoch's metrics row;
-    schedule: the learning rate per step, logged per epoch."""
+    schedule: the learning rate per step, logged per epoch;
+    delivered(state): the weights validated and saved (default: state.params), e.g. an average."""
 
     step_fn_at: Callable[[int], StepFn] | None = None
     refresh: Callable[[int, Params], dict[str, np.ndarray] | None] | None = None
     on_epoch_end: Callable[[int, Params], dict[str, Any] | None] | None = None
     schedule: optax.Schedule | None = None
+    delivered: Callable[[TrainState], Params] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,17 +452,18 @@ def _evaluate(
 
 
 def _finalise(
-    out: Path, state: TrainState, summary: dict[str, Any], best_epoch: int | None, has_val: bool
+    out: Path, model: Params, summary: dict[str, Any], best_epoch: int | None, has_val: bool
 ) -> None:
     """Finalise a finished run: weights.npz (the best validation weights, copied so that a
-    resume finds them again, or the last), weights_last.npz, run.json, training_curve.png."""
+    resume finds them again, or the last), weights_last.npz (`model`: the last delivered
+    weights), run.json, training_curve.png."""
     if has_val and (out / "weights_best.npz").exists():
         ckpt.atomic_copy(out / "weights_best.npz", out / "weights.npz")
         summary["weights"] = f"best validation Dice (epoch {best_epoch})"
     else:
-        ckpt.save_weights(state.params, out / "weights.npz")
+        ckpt.save_weights(model, out / "weights.npz")
         summary["weights"] = "last epoch"
-    ckpt.save_weights(state.params, out / "weights_last.npz")
+    ckpt.save_weights(model, out / "weights_last.npz")
     ckpt.write_json(out / "run.json", summary)
     plot_curves(out / "metrics.jsonl", out / "training_curve.png")
 
@@ -502,10 +548,11 @@ def fit(
             row.update(hooks.on_epoch_end(epoch, state.params) or {})
         last = epoch + 1 == end_epoch
         if val is not None and ((epoch + 1) % loop.eval_every == 0 or epoch + 1 == loop.epochs):
-            row.update(_evaluate(predict, state.params, val, eval_key))
+            model = state.params if hooks.delivered is None else hooks.delivered(state)
+            row.update(_evaluate(predict, model, val, eval_key))
             if row["val_dice"] > prog.best["val_dice"]:
                 prog.best = {"val_dice": row["val_dice"], "epoch": epoch}
-                ckpt.save_weights(state.params, out / "weights_best.npz")
+                ckpt.save_weights(model, out / "weights_best.npz")
             if stop.at_val_dice is not None and row["val_dice"] >= stop.at_val_dice:
                 end_epoch, last = epoch + 1, True  # reached: stop here, resumable
         with (out / "metrics.jsonl").open("a") as f:
@@ -533,7 +580,8 @@ def fit(
         "best_epoch": best["epoch"],
     }
     if finished:
-        _finalise(out, state, summary, best["epoch"], val is not None)
+        model = state.params if hooks.delivered is None else hooks.delivered(state)
+        _finalise(out, model, summary, best["epoch"], val is not None)
     mngr.close()
     return summary
 

@@ -54,8 +54,11 @@ def test_empty_patch_labels_skip_the_update(tiny_cfg, phantoms):
 
 
 @pytest.mark.slow
-def test_resume_equals_an_uninterrupted_run(tiny_cfg, phantoms, tmp_path):
-    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, epochs=3))
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_equals_an_uninterrupted_run(tiny_cfg, phantoms, tmp_path, ema):
+    cfg = dataclasses.replace(
+        tiny_cfg, train=dataclasses.replace(tiny_cfg.train, epochs=3, ema_decay=ema)
+    )
     full = train_and_evaluate(cfg, phantoms, tmp_path / "full", val=phantoms, progress=False)
     part = train_and_evaluate(
         cfg, phantoms, tmp_path / "part", val=phantoms, progress=False, stop_after_epochs=2
@@ -191,6 +194,8 @@ def test_stop_at_val_dice_ends_early_and_resumes(tiny_cfg, phantoms, tmp_path):
         ({"warmup_steps": -1}, "must be >= 0"),
         ({"curriculum_epochs": 2}, "go together"),
         ({"level1_loss_weight": -0.5}, "level1_loss_weight must be >= 0"),
+        ({"ema_decay": 1.0}, r"ema_decay must lie in \[0, 1\)"),
+        ({"ema_decay": -0.1}, r"ema_decay must lie in \[0, 1\)"),
     ],
 )
 def test_bad_time_to_quality_options_are_refused(tiny_cfg, fields, message):
@@ -240,3 +245,51 @@ def test_level1_loss_is_refused_for_a_unet(tiny_cfg):
     )
     with pytest.raises(ConfigError, match="a UNet has no level 1"):
         cfg.validate()
+
+
+def test_param_ema_averages_the_weights_after_each_step_exactly():
+    import optax
+
+    from nca_jax.training import param_ema
+
+    opt = optax.chain(optax.sgd(1.0), param_ema(0.5))
+    params = {"w": jnp.array([1.0, 2.0])}
+    state = opt.init(params)
+    for _ in range(2):  # gradient 1: the weights go 1 -> 0 -> -1 (and 2 -> 1 -> 0)
+        updates, state = opt.update({"w": jnp.ones(2)}, state, params)
+        params = optax.apply_updates(params, updates)
+    # ema: 1 -> 0.5 x 1 + 0.5 x 0 = 0.5 -> 0.5 x 0.5 + 0.5 x (-1) = -0.25 (and 2 -> 1.5 -> 0.75)
+    np.testing.assert_array_equal(state[-1].ema["w"], [-0.25, 0.75])
+    np.testing.assert_array_equal(params["w"], [-1.0, 0.0])  # the updates pass unchanged
+    with pytest.raises(ValueError, match="needs the parameters"):
+        opt.update({"w": jnp.ones(2)}, state)
+
+
+def test_without_ema_the_optimizer_state_is_the_plain_optimizers(tiny_cfg):
+    """ema_decay 0 adds nothing to the checkpointed state: runs from before it resume."""
+    from nca_jax.training import make_optimizer
+
+    state = init_state(tiny_cfg)
+    plain = make_optimizer(tiny_cfg.train).init(state.params)
+    assert jax.tree_util.tree_structure(state.opt_state) == jax.tree_util.tree_structure(plain)
+
+
+def test_with_ema_a_run_validates_and_saves_the_average_of_its_weights(
+    tiny_cfg, phantoms, tmp_path
+):
+    """One step (batch 8 of 8 images): the saved weights are 0.5 x initial + 0.5 x trained
+    when ema_decay = 0.5, while the trained weights are those of the same run without it."""
+    tc = dataclasses.replace(tiny_cfg.train, epochs=1, batch_size=8)
+    plain = dataclasses.replace(tiny_cfg, train=tc)
+    avg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tc, ema_decay=0.5))
+    train_and_evaluate(plain, phantoms, tmp_path / "plain", val=phantoms, progress=False)
+    s = train_and_evaluate(avg, phantoms, tmp_path / "avg", val=phantoms, progress=False)
+    assert s["steps"] == 1 and s["best_epoch"] == 0
+    p0 = ckpt.flatten_params(init_state(plain).params)
+    with np.load(tmp_path / "plain" / "weights_last.npz") as f:
+        p1 = {k: f[k] for k in f.files}
+    assert any(not np.array_equal(p0[k], p1[k]) for k in p1)  # the step changed the weights
+    for name in ("weights_last.npz", "weights.npz"):
+        with np.load(tmp_path / "avg" / name) as f:
+            for k in p1:
+                np.testing.assert_allclose(f[k], 0.5 * p0[k] + 0.5 * p1[k], rtol=1e-6, atol=1e-7)
