@@ -334,6 +334,10 @@ class Hooks:
     schedule: optax.Schedule | None = None
     delivered: Callable[[TrainState], Params] | None = None
 
+    def model(self, state: TrainState) -> Params:
+        """The weights to validate and save at `state`."""
+        return state.params if self.delivered is None else self.delivered(state)
+
 
 @dataclasses.dataclass(frozen=True)
 class Stop:
@@ -548,7 +552,7 @@ def fit(
             row.update(hooks.on_epoch_end(epoch, state.params) or {})
         last = epoch + 1 == end_epoch
         if val is not None and ((epoch + 1) % loop.eval_every == 0 or epoch + 1 == loop.epochs):
-            model = state.params if hooks.delivered is None else hooks.delivered(state)
+            model = hooks.model(state)
             row.update(_evaluate(predict, model, val, eval_key))
             if row["val_dice"] > prog.best["val_dice"]:
                 prog.best = {"val_dice": row["val_dice"], "epoch": epoch}
@@ -580,8 +584,7 @@ def fit(
         "best_epoch": best["epoch"],
     }
     if finished:
-        model = state.params if hooks.delivered is None else hooks.delivered(state)
-        _finalise(out, model, summary, best["epoch"], val is not None)
+        _finalise(out, hooks.model(state), summary, best["epoch"], val is not None)
     mngr.close()
     return summary
 
