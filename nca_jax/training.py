@@ -292,7 +292,7 @@ def train_and_evaluate(
         hooks=Hooks(
             step_fn_at=step_at,
             schedule=make_optimizer_schedule(cfg.train),
-            delivered=(lambda st: delivered_params(st, cfg.train)) if cfg.train.ema_decay else None,
+            delivered=lambda st: delivered_params(st, cfg.train),
         ),
         log=log,
         summary_extra={
