@@ -345,6 +345,129 @@ def _paper_nca_params() -> int:
     return count_params(init_params(ModelConfig(), key=jax.random.key(0)))
 
 
+REFERENCE_MODEL = "med-nca"
+
+
+def versus(rows: list[dict[str, Any]], ref: str = REFERENCE_MODEL) -> list[dict[str, Any]]:
+    """Med-NCA against each other model of this table's own runs, per (train site, test site):
+    the Dice difference (ref minus other) on each seed number that both trained, with twice its
+    standard error (sqrt(std_a^2 / n_a + std_b^2 / n_b) from the per-image spreads: unpaired,
+    so cautious, as both scored the same images), its mean, the mean HD95 difference
+    (negative = ref's boundary is closer), and a reading: 'ahead on every seed' (every
+    difference above twice its error), 'behind on every seed', 'within noise' (none outside)
+    or 'mixed'. Rows from the VWSL study are left out (their source models are not this
+    table's)."""
+    own = [r for r in rows if r["model"] != VWSL_MODEL]
+    by = {(r["model"], r["train_site"], r["test_site"], r["seed"]): r for r in own}
+    pairs = sorted({(r["train_site"], r["test_site"]) for r in own}, key=_site_order)
+    others = list(dict.fromkeys(r["model"] for r in own if r["model"] != ref))
+    out = []
+    for train, test in pairs:
+        for other in others:
+            seeds = sorted(
+                s
+                for (m, tr, te, s) in by
+                if (m, tr, te) == (ref, train, test) and (other, train, test, s) in by
+            )
+            if not seeds:
+                continue
+            mine = [by[(ref, train, test, s)] for s in seeds]
+            theirs = [by[(other, train, test, s)] for s in seeds]
+            deltas = [a["dice_mean"] - b["dice_mean"] for a, b in zip(mine, theirs, strict=True)]
+            hd = [
+                a["hd95_mean"] - b["hd95_mean"]
+                for a, b in zip(mine, theirs, strict=True)
+                if a.get("hd95_mean") is not None and b.get("hd95_mean") is not None
+            ]
+            err = [
+                2.0 * math.sqrt(a["dice_std"] ** 2 / a["n"] + b["dice_std"] ** 2 / b["n"])
+                for a, b in zip(mine, theirs, strict=True)
+            ]
+            signs = {(d > e) - (d < -e) for d, e in zip(deltas, err, strict=True)}
+            reading = {
+                frozenset({1}): "ahead on every seed",
+                frozenset({-1}): "behind on every seed",
+                frozenset({0}): "within noise",
+            }.get(frozenset(signs), "mixed")
+            out.append(
+                {
+                    "train_site": train,
+                    "test_site": test,
+                    "model": ref,
+                    "against": other,
+                    "seeds": seeds,
+                    "dice_delta": deltas,
+                    "dice_delta_2se": err,
+                    "dice_delta_mean": _mean(deltas),
+                    "hd95_delta_mean": _mean(hd),
+                    "reading": reading,
+                }
+            )
+    return out
+
+
+def _site_order(pair: tuple[str, str]) -> tuple[int, int, str, str]:
+    order = {s: i for i, s in enumerate(SITES)}
+    return (order.get(pair[0], len(order)), order.get(pair[1], len(order)), *pair)
+
+
+def versus_markdown(
+    rows: list[dict[str, Any]],
+    params: dict[str, int],
+    phones: dict[str, dict[str, Any]],
+    ref: str = REFERENCE_MODEL,
+) -> list[str]:
+    """The `versus` rows as markdown, then each model's parameters (`params`: model -> count)
+    and phone file size and seconds (`phones`: model -> its phone JSON) as multiples of
+    ref's."""
+    vs = versus(rows, ref)
+    if not vs:
+        return []
+    lines = [
+        "",
+        f"## {ref} against each UNet",
+        "",
+        f"Dice difference = {ref} minus the other model, on each seed number both trained (the "
+        "seeds pair runs by number only), ± twice its standard error from the per-image "
+        "spreads (unpaired, so cautious: both scored the same images); a seed counts as ahead "
+        "or behind only outside that margin. HD95 difference in pixels likewise (negative: "
+        f"{ref}'s boundary is closer).",
+        "",
+        "| train on | test on | against | seeds | Δ Dice per seed | mean Δ Dice | mean Δ HD95 "
+        "| reading |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in vs:
+        hd = "-" if v["hd95_delta_mean"] is None else f"{v['hd95_delta_mean']:+.1f}"
+        per = zip(v["dice_delta"], v["dice_delta_2se"], strict=True)
+        per_seed = ", ".join(f"{d:+.3f} ± {e:.3f}" for d, e in per)
+        lines.append(
+            f"| {v['train_site']} | {v['test_site']} | {v['against']} | "
+            f"{','.join(map(str, v['seeds']))} | {per_seed} | "
+            f"{v['dice_delta_mean']:+.3f} | {hd} | {v['reading']} |"
+        )
+    if ref in phones:
+        lines += [
+            "",
+            f"Size and phone seconds as multiples of {ref}'s (above 1: {ref} is smaller or "
+            "faster):",
+            "",
+            "| model | params (x) | .tflite MB (x) | infer s (x) | train s (x) |",
+            "|---|---|---|---|---|",
+        ]
+        mine = {"params": params[ref], **phones[ref]}
+        for m, ph in phones.items():
+            if m == ref:
+                continue
+            theirs = {"params": params[m], **ph}
+            keys = ("params", "tflite_bytes", "tflite_infer_s", "tflite_train_s")
+            cells = [
+                f"{theirs[k] / mine[k]:.2f}" if mine.get(k) and k in theirs else "-" for k in keys
+            ]
+            lines.append(f"| {m} | {' | '.join(cells)} |")
+    return lines
+
+
 def markdown(
     rows: list[dict[str, Any]],
     p: Table1Protocol,
@@ -426,6 +549,9 @@ def markdown(
                 f"{ph['tflite_bytes'] / 1e6:.2f} | {both('infer')} | {both('train')} | "
                 f"{both('finetune')} |"
             )
+    lines += versus_markdown(
+        rows, {n: c["params"] for n, c in calib["models"].items()}, phones or {}
+    )
     lines += [
         "",
         "Calibration (seconds per training step, same process): "
@@ -492,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     res = Path(a.results)
     res.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(res / "table1.json", rows)
+    ckpt.write_json(res / "table1_versus.json", versus(rows))
     phones = {n: ph for n in p.models if (ph := full.phone(n)) is not None}
     atomic_write_text(res / "table1.md", markdown(rows, p, calib, phones))
     print((res / "table1.md").read_text())

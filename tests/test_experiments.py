@@ -10,7 +10,7 @@ import pytest
 from experiments.capture_experiment import CaptureProtocol
 from experiments.common import build, fields_of, load_json_protocol
 from experiments.cross_site import CrossSiteProtocol
-from experiments.table1 import Table1Protocol, budget_epochs, run_config
+from experiments.table1 import Table1Protocol, budget_epochs, run_config, versus, versus_markdown
 from experiments.time_to_dice import TimeToDiceProtocol, variant_config
 from experiments.vwsl_study import Protocol as VwslProtocol
 from nca_jax.errors import ConfigError
@@ -510,6 +510,71 @@ def test_table1_budget_becomes_whole_epochs_per_model():
         run_config(p, "unet-small", 0, calib)
 
 
+def test_table1_versus_reads_each_seed_against_twice_its_standard_error():
+    """Med-NCA minus each other model, on the seeds both trained; a seed is ahead or behind only
+    outside 2 x sqrt(std_a^2/n_a + std_b^2/n_b); VWSL-study rows are not compared."""
+
+    def row(model, train, test, seed, dice, std=0.1, n=25, hd95=10.0):
+        return {
+            "model": model,
+            "train_site": train,
+            "test_site": test,
+            "seed": seed,
+            "dice_mean": dice,
+            "dice_std": std,
+            "n": n,
+            "hd95_mean": hd95,
+        }
+
+    rows = [
+        row("med-nca", "shenzhen", "shenzhen", 0, 0.90),
+        row("med-nca", "shenzhen", "shenzhen", 1, 0.91),
+        row("unet", "shenzhen", "shenzhen", 0, 0.80, hd95=4.0),
+        row("unet", "shenzhen", "shenzhen", 1, 0.85, hd95=6.0),
+        row("unet", "shenzhen", "shenzhen", 2, 0.10),  # no Med-NCA seed 2: not compared
+        row("med-nca", "shenzhen", "montgomery", 0, 0.70),
+        row("med-nca", "shenzhen", "montgomery", 1, 0.60),
+        row("unet", "shenzhen", "montgomery", 0, 0.65),  # +0.05 < 2 x 0.0283: noise
+        row("unet", "shenzhen", "montgomery", 1, 0.70),  # -0.10: behind
+        row("unet-small", "shenzhen", "montgomery", 0, 0.69),
+        row("med-nca", "montgomery", "montgomery", 0, 0.80),
+        row("unet-small", "montgomery", "montgomery", 0, 0.95, std=0.01, n=100),
+        row("med-nca+vwsl", "shenzhen", "montgomery", 0, 0.99),
+    ]
+    vs = versus(rows)
+    got = {(v["train_site"], v["test_site"], v["against"]): v for v in vs}
+    assert list(got) == [
+        ("shenzhen", "shenzhen", "unet"),
+        ("shenzhen", "montgomery", "unet"),
+        ("shenzhen", "montgomery", "unet-small"),
+        ("montgomery", "montgomery", "unet-small"),
+    ]
+    a = got[("shenzhen", "shenzhen", "unet")]
+    assert a["seeds"] == [0, 1] and a["reading"] == "ahead on every seed"
+    assert a["dice_delta"] == pytest.approx([0.10, 0.06])
+    assert a["dice_delta_2se"] == pytest.approx([2 * (0.02 / 25) ** 0.5] * 2)
+    assert a["dice_delta_mean"] == pytest.approx(0.08)
+    assert a["hd95_delta_mean"] == pytest.approx(5.0)
+    assert got[("shenzhen", "montgomery", "unet")]["reading"] == "mixed"
+    assert got[("shenzhen", "montgomery", "unet-small")]["reading"] == "within noise"
+    behind = got[("montgomery", "montgomery", "unet-small")]
+    assert behind["reading"] == "behind on every seed"
+    assert behind["dice_delta_2se"] == pytest.approx([2 * (0.01 / 25 + 0.0001 / 100) ** 0.5])
+    md = "\n".join(
+        versus_markdown(
+            rows,
+            {"med-nca": 100, "unet": 1000},
+            {
+                "med-nca": {"tflite_bytes": 2e6, "tflite_infer_s": 2.0, "tflite_train_s": 1.0},
+                "unet": {"tflite_bytes": 8e6, "tflite_infer_s": 1.0, "tflite_train_s": 3.0},
+            },
+        )
+    )
+    assert "| shenzhen | shenzhen | unet | 0,1 | +0.100 ± 0.057, +0.060 ± 0.057 |" in md
+    assert "| unet | 10.00 | 4.00 | 0.50 | 3.00 |" in md
+    assert versus([r for r in rows if r["model"] != "med-nca"]) == []
+
+
 @pytest.mark.slow
 def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(tmp_path):
     data, splits = _phantom_sites(tmp_path, 6, 30)
@@ -588,6 +653,9 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
     md = (tmp_path / "results" / "table1.md").read_text()
     assert "| shenzhen | unet-small |" in md and "| shenzhen | med-nca+vwsl |" in md
     assert "| unet-small | 1,921 |" in md  # the phone column alone
+    versus_rows = json.loads((tmp_path / "results" / "table1_versus.json").read_text())
+    assert len(versus_rows) == 4  # med-nca against unet-small, train x test site
+    assert "## med-nca against each UNet" in md and "| unet-small | 0.56 |" in md
     # resumable: a second invocation computes nothing and gives the same rows
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
