@@ -277,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the training step and one prediction with the perception written as "
         "one matmul (model.perceive im2col, the TFLite export's) and print the ratios",
     )
+    p.add_argument(
+        "--compare-fold",
+        action="store_true",
+        help="also time the training step and one prediction with the batch norm NOT folded "
+        "into the first dense layer (model.fold_norm false, the MLP before session 19) and "
+        "print the ratios",
+    )
     p.add_argument("--peer", help="folder holding the authors' src/ (see ../shared/peer/README.md)")
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument(
@@ -305,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         "batches": a.batch,
         "flop_per_cell_step": flop_per_cell_step(mc),
     }
-    if a.tflite_only and (a.compare_perceive or a.autodiff_baseline):
+    if a.tflite_only and (a.compare_perceive or a.compare_fold or a.autodiff_baseline):
         raise ConfigError(
-            "--compare-perceive and --autodiff-baseline time JAX: not with --tflite-only"
+            "--compare-perceive, --compare-fold and --autodiff-baseline time JAX: not with "
+            "--tflite-only"
         )
     if a.tflite_only and not a.tflite:
         raise ConfigError("--tflite-only needs --tflite FILE")
@@ -335,6 +343,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"({r['speedup_im2col']:.2f}x the convolutions' speed)",
                 flush=True,
             )
+        if a.compare_fold:
+            alt = bench_train(dataclasses.replace(mc, fold_norm=False), a.size, b, a.reps)
+            r["train_step_unfolded_s"] = alt["train_step_s"]
+            r["speedup_fold"] = alt["train_step_s"] / r["train_step_s"]
+            print(
+                f"train step batch {b}, norm not folded: {alt['train_step_s']:.3f} s (folding "
+                f"is {r['speedup_fold']:.2f}x faster)",
+                flush=True,
+            )
         per_batch[str(b)] = r
         print(
             f"train step batch {b}: {r['train_step_s']:.3f} s, {r['train_gflops']:.1f} GFLOP/s "
@@ -354,6 +371,15 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"prediction 1x{a.size}, perception as one matmul: {alt['predict_s']:.3f} s "
                 f"({res['speedup_predict_im2col']:.2f}x the convolutions' speed)",
+                flush=True,
+            )
+        if a.compare_fold:
+            alt = bench_predict(dataclasses.replace(mc, fold_norm=False), a.size, a.reps)
+            res["predict_unfolded_s"] = alt["predict_s"]
+            res["speedup_predict_fold"] = alt["predict_s"] / r["predict_s"]
+            print(
+                f"prediction 1x{a.size}, norm not folded: {alt['predict_s']:.3f} s (folding is "
+                f"{res['speedup_predict_fold']:.2f}x faster)",
                 flush=True,
             )
         print(

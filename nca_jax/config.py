@@ -53,6 +53,11 @@ class ModelConfig:
     # one matmul). The TFLite export uses "im2col": LiteRT's XNNPACK delegate runs matmuls
     # with variable weights but not convolutions. "im2col" needs fast_backward.
     perceive: str = "conv"
+    # the fast_backward path's batch norm folded into the first dense layer through the (F, F)
+    # covariance of the MLP's input: same function, fewer passes over the (cells, hidden)
+    # array (1.26x a training step at batch 4, session 19). fast_backward false (XLA's own
+    # gradient of the flax rule, the reference) does not fold.
+    fold_norm: bool = True
     kind: str = "med-nca"  # "med-nca" or "unet" (the deterministic baseline of Table 1)
     unet_blocks: int = 5  # UNet: encoding blocks (pooling levels + 1)
     unet_channels: int = 64  # UNet: channels of the first level, doubled per level

@@ -136,6 +136,70 @@ def _cell_mlp_bwd(eps, res, g):
 cell_mlp.defvjp(_mlp_forward, _cell_mlp_bwd)  # the forward already returns the residuals
 
 
+# The same MLP with the batch norm folded into the first dense layer. With mu (F,) and cov
+# (F, F) the mean and covariance of the N input rows, the pre-activation h = x @ w1 + b1 has
+# h - mean(h) = (x - mu) @ w1 and per-feature variance diag(w1^T cov w1), so
+# norm(h) * scale + shift = (x - mu) @ (w1 * a) + shift, a = scale * rsqrt(var + eps).
+# The (N, hidden) array is never normalised in a pass of its own, and the backward keeps
+# relu(pre) (which the forward makes anyway) instead of the normalised features. Centring x
+# first (and taking off the mean that float rounding leaves) also spares the cancellation of
+# h - mean(h) when the inputs sit far from 0 with a small spread. b1 cancels: its gradient is
+# exactly 0 here (0 up to rounding in `cell_mlp`).
+
+
+def _folded_forward(
+    x: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    w2: jax.Array,
+    eps: float,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    del b1
+    xc = x - jnp.mean(x, axis=0)
+    m = jnp.mean(xc, axis=0)  # the rounding left in the first mean: small, so exact enough
+    cov = (xc.T @ xc) / x.shape[0] - jnp.outer(m, m)
+    rstd = jax.lax.rsqrt(jnp.sum((cov @ w1) * w1, axis=0) + eps)
+    a = scale * rstd
+    r = jax.nn.relu(xc @ (w1 * a) + (shift - (m @ w1) * a))
+    return r @ w2, (xc, m, w1, scale, w2, cov, rstd, a, r)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def cell_mlp_folded(
+    x: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    w2: jax.Array,
+    eps: float,
+) -> jax.Array:
+    """`cell_mlp`'s function (x (N, F) -> (N, C)), computed with the norm folded into w1."""
+    return _folded_forward(x, w1, b1, scale, shift, w2, eps)[0]
+
+
+def _cell_mlp_folded_bwd(eps, res, g):
+    del eps
+    xc, m, w1, scale, w2, cov, rstd, a, r = res  # the centred rows are xc - m
+    n = xc.shape[0]
+    dw2 = r.T @ g
+    dpre = jnp.where(r > 0, g @ w2.T, 0.0)
+    dshift = jnp.sum(dpre, axis=0)
+    dw1a = xc.T @ dpre - jnp.outer(m, dshift)  # the gradient of the folded weights w1 * a
+    da = jnp.sum(dw1a * w1, axis=0)
+    dvar = da * scale * (-0.5) * rstd**3
+    dcov = (w1 * dvar) @ w1.T
+    dw1 = dw1a * a + 2.0 * (cov @ w1) * dvar
+    # through the centring: the row mean of the rows' gradient comes off (the cov term's is 0)
+    dx = dpre @ (w1 * a).T + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ (w1 * a).T) / n
+    return dx, dw1, jnp.zeros_like(a), da * rstd, dshift, dw2
+
+
+cell_mlp_folded.defvjp(_folded_forward, _cell_mlp_folded_bwd)
+
+
 def perceive_im2col(perceive_params: Params, state: jax.Array) -> jax.Array:
     """Perceive's function as one matmul: state (B, H, W, C) -> features (B, H, W, 3C).
 
@@ -164,7 +228,8 @@ def apply_rule(level_params: Params, state: jax.Array, cfg: ModelConfig) -> jax.
         feats = Perceive(cfg.channels).apply({"params": level_params["perceive"]}, state)
     b, h, w, f = feats.shape
     p = level_params
-    out = cell_mlp(
+    mlp = cell_mlp_folded if cfg.fold_norm else cell_mlp
+    out = mlp(
         feats.reshape(b * h * w, f),
         p["dense_in"]["kernel"],
         p["dense_in"]["bias"],

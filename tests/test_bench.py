@@ -20,7 +20,7 @@ def test_bench_smoke(tmp_path):
         bench.main(
             [
                 *("--size", "32", "--steps", "2", "--batch", "2", "--reps", "1"),
-                *("--compare-perceive", "--json", str(out)),
+                *("--compare-perceive", "--compare-fold", "--json", str(out)),
             ]
         )
         == 0
@@ -38,9 +38,14 @@ def test_bench_smoke(tmp_path):
         "speedup_im2col",
         "predict_im2col_s",
         "speedup_predict_im2col",
+        "train_step_unfolded_s",
+        "speedup_fold",
+        "predict_unfolded_s",
+        "speedup_predict_fold",
     ):
         assert d[k] > 0, k
     assert d["speedup_im2col"] == d["train_step_s"] / d["train_step_im2col_s"]
+    assert d["speedup_fold"] == d["train_step_unfolded_s"] / d["train_step_s"]
     mc = ModelConfig(steps=2, patch=8)
     assert abs(d["train_gflops"] - bench.train_flop(mc, 2) / d["train_step_s"] / 1e9) < 1e-6
 
