@@ -55,7 +55,7 @@ class ModelConfig:
     perceive: str = "conv"
     # the fast_backward path's batch norm folded into the first dense layer through the (F, F)
     # covariance of the MLP's input: same function, fewer passes over the (cells, hidden)
-    # array (1.26x a training step at batch 4, session 19). fast_backward false (XLA's own
+    # array (a training step 1.14-1.26x at batch 4, session 19). fast_backward false (XLA's own
     # gradient of the flax rule, the reference) does not fold.
     fold_norm: bool = True
     kind: str = "med-nca"  # "med-nca" or "unet" (the deterministic baseline of Table 1)
