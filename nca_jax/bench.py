@@ -75,7 +75,9 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / t / 1e9
 
 
-def bench_train(mc: ModelConfig, size: int, batch: int, reps: int) -> dict[str, float]:
+def train_runner(mc: ModelConfig, size: int, batch: int) -> Callable[[], jax.Array]:
+    """One training step per call (batch x size x size random images and masks, the state
+    carried from call to call): a function of no arguments returning the step's loss."""
     cfg = RunConfig(model=mc, train=TrainConfig(batch_size=batch, image_size=size)).validate()
     step = make_train_step(cfg)
     rng = np.random.default_rng(0)
@@ -86,11 +88,15 @@ def bench_train(mc: ModelConfig, size: int, batch: int, reps: int) -> dict[str, 
     holder = {"state": init_state(cfg)}
     key = jax.random.key(0)
 
-    def run():
+    def run() -> jax.Array:
         holder["state"], info = step(holder["state"], batch_d, key)
         return info["loss"]
 
-    first, t = timeit(run, reps)
+    return run
+
+
+def bench_train(mc: ModelConfig, size: int, batch: int, reps: int) -> dict[str, float]:
+    first, t = timeit(train_runner(mc, size, batch), reps)
     cells = batch * 2 * mc.patch**2 * mc.steps
     return {
         "train_step_s": t,
@@ -100,10 +106,86 @@ def bench_train(mc: ModelConfig, size: int, batch: int, reps: int) -> dict[str, 
     }
 
 
-def bench_predict(mc: ModelConfig, size: int, reps: int, samples: int = 10) -> dict[str, float]:
+def _bench_params(mc: ModelConfig) -> Any:
+    """Fresh parameters; an NCA's zero-initialised dense_out made non-zero, so that its steps
+    do work as a trained model's do (an untrained NCA is the identity)."""
     params = init_params(mc, key=jax.random.key(0))
-    params["level1"]["dense_out"]["kernel"] += 0.01  # non-zero updates, like a trained model
-    params["level2"]["dense_out"]["kernel"] += 0.01
+    if mc.kind == "med-nca":
+        params["level1"]["dense_out"]["kernel"] += 0.01
+        params["level2"]["dense_out"]["kernel"] += 0.01
+    return params
+
+
+def predict_runner(mc: ModelConfig, size: int) -> Callable[[], jax.Array]:
+    """One prediction (1 x size x size random image, fixed key) per call: its probabilities."""
+    params = _bench_params(mc)
+    img = jnp.asarray(np.random.default_rng(0).uniform(size=(1, size, size)), jnp.float32)
+    one = jax.jit(lambda p, i, k: jax.nn.sigmoid(predict_logits(p, i, cfg=mc, key=k)))
+    key = jax.random.key(1)
+    return lambda: one(params, img, key)
+
+
+def timeit_interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """Median seconds per call of each function, after one warm-up (compile) call each, the
+    calls interleaved (A, B, A, B, ...) so that a shared machine's drift falls on all alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            ts[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+# The --compare-* flags: the model change, the JSON key of the variant's time, whether the
+# speed-up is variant / base (the variant is the old path) or base / variant, and its words.
+COMPARISONS: dict[str, tuple[dict[str, Any], str, str, bool, str, str]] = {
+    "autodiff_baseline": (
+        {"fast_backward": False}, "autodiff", "fast_backward", True,
+        "XLA autodiff backward", "fast backward is {:.2f}x faster",
+    ),
+    "compare_perceive": (
+        {"perceive": "im2col"}, "im2col", "im2col", False,
+        "perception as one matmul", "{:.2f}x the convolutions' speed",
+    ),
+    "compare_fold": (
+        {"fold_norm": False}, "unfolded", "fold", True,
+        "norm not folded", "folding is {:.2f}x faster",
+    ),
+}  # fmt: skip
+
+
+def compare(
+    flag: str,
+    mc: ModelConfig,
+    make: Callable[[ModelConfig], Callable[[], Any]],
+    reps: int,
+    what: str,
+    label: str,
+) -> dict[str, float]:
+    """Time the base config's `make(mc)` and the flag's variant interleaved; returns the keys
+    {what}_{name}_s (variant), {what}_{name}_base_s (base, same run) and speedup_{label}
+    (label e.g. "fold" or "predict_fold"), and prints the ratio."""
+    change, name, ratio, variant_is_old, words, sentence = COMPARISONS[flag]
+    t = timeit_interleaved({"base": make(mc), "alt": make(dataclasses.replace(mc, **change))}, reps)
+    speedup = t["alt"] / t["base"] if variant_is_old else t["base"] / t["alt"]
+    print(
+        f"{what.replace('_', ' ')}, {words}: {t['alt']:.3f} s against {t['base']:.3f} s "
+        f"interleaved ({sentence.format(speedup)})",
+        flush=True,
+    )
+    key = ratio if label == "" else f"{label}_{ratio}"
+    return {
+        f"{what}_{name}_s": t["alt"],
+        f"{what}_{name}_base_s": t["base"],
+        f"speedup_{key}": speedup,
+    }
+
+
+def bench_predict(mc: ModelConfig, size: int, reps: int, samples: int = 10) -> dict[str, float]:
+    params = _bench_params(mc)
     img = jnp.asarray(np.random.default_rng(0).uniform(size=(1, size, size)), jnp.float32)
     one = jax.jit(lambda p, i, k: jax.nn.sigmoid(predict_logits(p, i, cfg=mc, key=k)))
     vm = make_predict(mc, samples, ALL)  # all samples side by side (one vmap)
@@ -173,10 +255,7 @@ def bench_tflite(path: str, reps: int, threads: int | None = None) -> dict[str, 
         train=TrainConfig(batch_size=b, image_size=s),
         finetune=FinetuneConfig(batch_size=b),
     ).validate()
-    params = init_params(mc, key=jax.random.key(0))
-    if mc.kind == "med-nca":  # an untrained NCA is the identity: make its steps do work
-        params["level1"]["dense_out"]["kernel"] += 0.01
-        params["level2"]["dense_out"]["kernel"] += 0.01
+    params = _bench_params(mc)
     one = jax.jit(lambda p, i, k: jax.nn.sigmoid(predict_logits(p, i, cfg=mc, key=k)))
     ten = make_predict(mc, model.info["spec"]["samples"])  # the library's own sampling path
     key = jax.random.key(1)
@@ -325,33 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     for b in [] if a.tflite_only else a.batch:
         r = bench_train(mc, a.size, b, a.reps)
         r["train_fraction_of_matmul"] = r["train_gflops"] / res["matmul_gflops"]
-        if a.autodiff_baseline:
-            base = bench_train(dataclasses.replace(mc, fast_backward=False), a.size, b, a.reps)
-            r["train_step_autodiff_s"] = base["train_step_s"]
-            r["speedup_fast_backward"] = base["train_step_s"] / r["train_step_s"]
-            print(
-                f"train step batch {b}, XLA autodiff backward: {base['train_step_s']:.3f} s "
-                f"(fast backward is {r['speedup_fast_backward']:.2f}x faster)",
-                flush=True,
-            )
-        if a.compare_perceive:
-            alt = bench_train(dataclasses.replace(mc, perceive="im2col"), a.size, b, a.reps)
-            r["train_step_im2col_s"] = alt["train_step_s"]
-            r["speedup_im2col"] = r["train_step_s"] / alt["train_step_s"]
-            print(
-                f"train step batch {b}, perception as one matmul: {alt['train_step_s']:.3f} s "
-                f"({r['speedup_im2col']:.2f}x the convolutions' speed)",
-                flush=True,
-            )
-        if a.compare_fold:
-            alt = bench_train(dataclasses.replace(mc, fold_norm=False), a.size, b, a.reps)
-            r["train_step_unfolded_s"] = alt["train_step_s"]
-            r["speedup_fold"] = alt["train_step_s"] / r["train_step_s"]
-            print(
-                f"train step batch {b}, norm not folded: {alt['train_step_s']:.3f} s (folding "
-                f"is {r['speedup_fold']:.2f}x faster)",
-                flush=True,
-            )
+        for flag in COMPARISONS:
+            if getattr(a, flag):
+                r.update(
+                    compare(flag, mc, lambda m, b=b: train_runner(m, a.size, b), a.reps,
+                            "train_step", "")
+                )  # fmt: skip
         per_batch[str(b)] = r
         print(
             f"train step batch {b}: {r['train_step_s']:.3f} s, {r['train_gflops']:.1f} GFLOP/s "
@@ -364,24 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_predict and not a.tflite_only:
         r = bench_predict(mc, a.size, a.reps)
         res.update(r)
-        if a.compare_perceive:
-            alt = bench_predict(dataclasses.replace(mc, perceive="im2col"), a.size, a.reps)
-            res["predict_im2col_s"] = alt["predict_s"]
-            res["speedup_predict_im2col"] = r["predict_s"] / alt["predict_s"]
-            print(
-                f"prediction 1x{a.size}, perception as one matmul: {alt['predict_s']:.3f} s "
-                f"({res['speedup_predict_im2col']:.2f}x the convolutions' speed)",
-                flush=True,
-            )
-        if a.compare_fold:
-            alt = bench_predict(dataclasses.replace(mc, fold_norm=False), a.size, a.reps)
-            res["predict_unfolded_s"] = alt["predict_s"]
-            res["speedup_predict_fold"] = alt["predict_s"] / r["predict_s"]
-            print(
-                f"prediction 1x{a.size}, norm not folded: {alt['predict_s']:.3f} s (folding is "
-                f"{res['speedup_predict_fold']:.2f}x faster)",
-                flush=True,
-            )
+        for flag in ("compare_perceive", "compare_fold"):
+            if getattr(a, flag):
+                res.update(
+                    compare(flag, mc, lambda m: predict_runner(m, a.size), a.reps, "predict",
+                            "predict")
+                )  # fmt: skip
         print(
             f"prediction 1x{a.size}: {r['predict_s']:.3f} s ({r['predict_gflops']:.1f} GFLOP/s); "
             f"10 samples: vmap {r['variance10_vmap_s']:.2f} s, "

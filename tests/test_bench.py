@@ -44,10 +44,20 @@ def test_bench_smoke(tmp_path):
         "speedup_predict_fold",
     ):
         assert d[k] > 0, k
-    assert d["speedup_im2col"] == d["train_step_s"] / d["train_step_im2col_s"]
-    assert d["speedup_fold"] == d["train_step_unfolded_s"] / d["train_step_s"]
+    # each ratio comes from the pair timed interleaved, not from the separate base timing
+    assert d["speedup_im2col"] == d["train_step_im2col_base_s"] / d["train_step_im2col_s"]
+    assert d["speedup_fold"] == d["train_step_unfolded_s"] / d["train_step_unfolded_base_s"]
+    assert d["speedup_predict_fold"] == d["predict_unfolded_s"] / d["predict_unfolded_base_s"]
     mc = ModelConfig(steps=2, patch=8)
     assert abs(d["train_gflops"] - bench.train_flop(mc, 2) / d["train_step_s"] / 1e9) < 1e-6
+
+
+def test_timeit_interleaved_alternates_the_calls():
+    order = []
+    fns = {k: (lambda k=k: order.append(k)) for k in ("a", "b")}
+    t = bench.timeit_interleaved(fns, reps=3)
+    assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
+    assert order == ["a", "b"] * 4  # one warm-up call each, then a, b, a, b, ...
 
 
 def test_bench_refuses_jax_comparisons_with_tflite_only(tmp_path):

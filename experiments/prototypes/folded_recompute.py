@@ -1,0 +1,139 @@
+"""Prototype (issue 17, goal 1, session 20): the folded MLP's backward recomputing relu(pre)
+instead of keeping it.
+
+`model.cell_mlp_folded` keeps r = relu(pre), (N, hidden) per NCA step, for its backward: at
+batch 4 that is 16,384 x 128 x 4 B = 8 MB per step, 800 MB over the 2 x 50 steps of a training
+step, written in the forward and read back in the backward. This variant keeps only the centred
+input (N, 48) that the folded forward keeps anyway, and recomputes pre = xc @ (w1 * a) + c in the
+backward (one more (N, 48) @ (48, hidden) matmul per step, a third more dense_in work).
+
+Timed interleaved in one process against the library's folded MLP: the MLP alone (value and
+gradient), then the whole supervised training step (configs/paper.json model, 256 px, 50 steps),
+each built once per variant by swapping `model.cell_mlp_folded` before its first call (its
+trace). Gradients compared to the library's.
+
+Usage: python experiments/prototypes/folded_recompute.py [--rows 16384] [--batch 4] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nca_jax import model
+from nca_jax.bench import timeit_interleaved, train_runner
+from nca_jax.config import ModelConfig
+
+
+def _fwd(x, w1, b1, scale, shift, w2, eps):
+    del b1
+    xc = x - jnp.mean(x, axis=0)
+    m = jnp.mean(xc, axis=0)
+    cov = (xc.T @ xc) / x.shape[0] - jnp.outer(m, m)
+    rstd = jax.lax.rsqrt(jnp.sum((cov @ w1) * w1, axis=0) + eps)
+    a = scale * rstd
+    c = shift - (m @ w1) * a
+    r = jax.nn.relu(xc @ (w1 * a) + c)
+    return r @ w2, (xc, m, w1, scale, w2, cov, rstd, a, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def mlp_recompute(x, w1, b1, scale, shift, w2, eps):
+    return _fwd(x, w1, b1, scale, shift, w2, eps)[0]
+
+
+def _bwd(eps, res, g):
+    del eps
+    xc, m, w1, scale, w2, cov, rstd, a, c = res
+    n = xc.shape[0]
+    pre = xc @ (w1 * a) + c
+    dw2 = jax.nn.relu(pre).T @ g
+    dpre = jnp.where(pre > 0, g @ w2.T, 0.0)
+    dshift = jnp.sum(dpre, axis=0)
+    dw1a = xc.T @ dpre - jnp.outer(m, dshift)
+    da = jnp.sum(dw1a * w1, axis=0)
+    dvar = da * scale * (-0.5) * rstd**3
+    dcov = (w1 * dvar) @ w1.T
+    dw1 = dw1a * a + 2.0 * (cov @ w1) * dvar
+    dx = dpre @ (w1 * a).T + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ (w1 * a).T) / n
+    return dx, dw1, jnp.zeros_like(a), da * rstd, dshift, dw2
+
+
+mlp_recompute.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def mlp_recompute_barrier(x, w1, b1, scale, shift, w2, eps):
+    return _fwd(x, w1, b1, scale, shift, w2, eps)[0]
+
+
+def _bwd_barrier(eps, res, g):
+    # an optimisation barrier, so that XLA cannot merge the recomputed pre with the forward's
+    # (in one unrolled graph it otherwise keeps the forward's value: no recompute at all)
+    xc, m, w1, scale, w2, cov, rstd, a, c = res
+    xc, g = jax.lax.optimization_barrier((xc, g))
+    return _bwd(eps, (xc, m, w1, scale, w2, cov, rstd, a, c), g)
+
+
+mlp_recompute_barrier.defvjp(_fwd, _bwd_barrier)
+
+VARIANTS = {"keep r": None, "recompute": mlp_recompute, "barrier": mlp_recompute_barrier}
+
+
+def _mlp_inputs(n, f=48, h=128, c=16, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 7)
+    x = jax.random.normal(ks[0], (n, f)) * 0.7 + 0.3
+    w1 = jax.random.normal(ks[1], (f, h)) / np.sqrt(f)
+    b1 = 0.1 * jax.random.normal(ks[2], (h,))
+    scale = 1.0 + 0.1 * jax.random.normal(ks[3], (h,))
+    shift = 0.1 * jax.random.normal(ks[4], (h,))
+    w2 = jax.random.normal(ks[5], (h, c)) / np.sqrt(h)
+    return (x, w1, b1, scale, shift, w2), jax.random.normal(ks[6], (n, c))
+
+
+def _report(med: dict[str, float], unit: float, name: str) -> str:
+    base = med["keep r"]
+    return ", ".join(f"{k} {v * unit:.3g} {name} ({base / v:.2f}x)" for k, v in med.items())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="*", default=[16384])
+    ap.add_argument("--batch", type=int, nargs="*", default=[4])
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args()
+    library = model.cell_mlp_folded
+    for n in a.rows:
+        args, g = _mlp_inputs(n)
+        fns = {}
+        for name, mlp in VARIANTS.items():
+            mlp = mlp or library
+            f = jax.jit(jax.value_and_grad(lambda ar, gg, mlp=mlp: jnp.sum(mlp(*ar, 1e-5) * gg)))
+            fns[name] = functools.partial(f, args, g)
+        ref = fns["keep r"]()
+        err = {
+            k: max(
+                float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(u)) + 1e-30))
+                for u, v in zip(jax.tree.leaves(ref), jax.tree.leaves(fn()), strict=True)
+            )
+            for k, fn in fns.items()
+        }
+        med = timeit_interleaved(fns, 2 * a.reps + 1)
+        print(f"MLP alone, {n} rows:", _report(med, 1e3, "ms"), f"max relative diff {err}")
+    for b in a.batch:
+        fns, losses = {}, {}
+        for name, mlp in VARIANTS.items():
+            model.cell_mlp_folded = mlp or library  # read by apply_rule when the step is traced
+            fns[name] = train_runner(ModelConfig(), 256, b)
+            losses[name] = float(fns[name]())  # traces and compiles with this variant
+        model.cell_mlp_folded = library
+        med = timeit_interleaved(fns, a.reps)
+        print(f"training step, batch {b}:", _report(med, 1, "s"), f"first losses {losses}")
+
+
+if __name__ == "__main__":
+    main()
