@@ -195,7 +195,7 @@ def bench_predict(mc: ModelConfig, size: int, reps: int, samples: int = 10) -> d
     _, t1 = timeit(lambda: one(params, img, key), reps)
     first, tv = timeit(lambda: vm(params, img, key, index), reps)
     _, tl = timeit(lambda: [one(params, img, keys[j]) for j in range(samples)], max(1, reps // 2))
-    lib = make_predict(mc, samples)  # the library's path: lax.map on CPU, vmap on GPU/TPU
+    lib = make_predict(mc, samples)  # the library's path: a loop of calls on CPU, vmap on GPU
     _, td = timeit(lambda: lib(params, img, key, index), max(1, reps // 2))
     flop = predict_cell_steps(mc, size) * flop_per_cell_step(mc)
     return {

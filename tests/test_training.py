@@ -111,8 +111,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, phan
 
 @pytest.mark.parametrize("parallel", [1, 3, 8, None])
 def test_predict_parallel_or_sequential_gives_the_same_probabilities(tiny_cfg, parallel):
-    """lax.map (one prediction after another, CPU default) equals the vmap over all of them:
-    same keys per image and sample, so the same values."""
+    """Groups of `parallel` predictions one after another (CPU default: 1) equal the vmap over
+    all of them: same keys per image and sample, so the same values."""
     from conftest import randomised_params
 
     from nca_jax.predict import ALL, make_predict, predict_dataset
