@@ -165,9 +165,11 @@ def compare(
     what: str,
     label: str,
 ) -> dict[str, float]:
-    """Time the base config's `make(mc)` and the flag's variant interleaved; returns the keys
-    {what}_{name}_s (variant), {what}_{name}_base_s (base, same run) and speedup_{label}
-    (label e.g. "fold" or "predict_fold"), and prints the ratio."""
+    """Time the base config's `make(mc)` and the flag's variant interleaved, and print the
+    ratio. Returns {what}_{name}_s (the variant), {what}_{name}_base_s (the base, same run)
+    and the speed-up as speedup_{ratio} (label "") or speedup_{label}_{ratio}, with name and
+    ratio from COMPARISONS (e.g. train_step_unfolded_s and speedup_fold, or
+    predict_unfolded_s and speedup_predict_fold)."""
     change, name, ratio, variant_is_old, words, sentence = COMPARISONS[flag]
     t = timeit_interleaved({"base": make(mc), "alt": make(dataclasses.replace(mc, **change))}, reps)
     speedup = t["alt"] / t["base"] if variant_is_old else t["base"] / t["alt"]
