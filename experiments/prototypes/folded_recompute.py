@@ -22,8 +22,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from experiments.prototypes.folded_norm import _inputs as mlp_inputs
 from nca_jax import model
 from nca_jax.bench import timeit_interleaved, train_runner
 from nca_jax.config import ModelConfig
@@ -84,17 +84,6 @@ mlp_recompute_barrier.defvjp(_fwd, _bwd_barrier)
 VARIANTS = {"keep r": None, "recompute": mlp_recompute, "barrier": mlp_recompute_barrier}
 
 
-def _mlp_inputs(n, f=48, h=128, c=16, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 7)
-    x = jax.random.normal(ks[0], (n, f)) * 0.7 + 0.3
-    w1 = jax.random.normal(ks[1], (f, h)) / np.sqrt(f)
-    b1 = 0.1 * jax.random.normal(ks[2], (h,))
-    scale = 1.0 + 0.1 * jax.random.normal(ks[3], (h,))
-    shift = 0.1 * jax.random.normal(ks[4], (h,))
-    w2 = jax.random.normal(ks[5], (h, c)) / np.sqrt(h)
-    return (x, w1, b1, scale, shift, w2), jax.random.normal(ks[6], (n, c))
-
-
 def _report(med: dict[str, float], unit: float, name: str) -> str:
     base = med["keep r"]
     return ", ".join(f"{k} {v * unit:.3g} {name} ({base / v:.2f}x)" for k, v in med.items())
@@ -108,7 +97,7 @@ def main() -> None:
     a = ap.parse_args()
     library = model.cell_mlp_folded
     for n in a.rows:
-        args, g = _mlp_inputs(n)
+        args, g = mlp_inputs(n)
         fns = {}
         for name, mlp in VARIANTS.items():
             mlp = mlp or library
