@@ -30,15 +30,12 @@ from nca_jax.config import ModelConfig
 
 
 def _fwd(x, w1, b1, scale, shift, w2, eps):
-    del b1
-    xc = x - jnp.mean(x, axis=0)
-    m = jnp.mean(xc, axis=0)
-    cov = (xc.T @ xc) / x.shape[0] - jnp.outer(m, m)
-    rstd = jax.lax.rsqrt(jnp.sum((cov @ w1) * w1, axis=0) + eps)
-    a = scale * rstd
-    c = shift - (m @ w1) * a
-    r = jax.nn.relu(xc @ (w1 * a) + c)
-    return r @ w2, (xc, m, w1, scale, w2, cov, rstd, a, c)
+    """The library's folded forward, keeping the bias c of pre = xc @ (w1 * a) + c instead of
+    relu(pre) for the backward."""
+    out, (xc, m, w1, scale, w2, cov, rstd, a, _) = model._folded_forward(
+        x, w1, b1, scale, shift, w2, eps
+    )
+    return out, (xc, m, w1, scale, w2, cov, rstd, a, shift - (m @ w1) * a)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -47,20 +44,10 @@ def mlp_recompute(x, w1, b1, scale, shift, w2, eps):
 
 
 def _bwd(eps, res, g):
-    del eps
+    """pre recomputed from the centred input, then the library's folded backward."""
     xc, m, w1, scale, w2, cov, rstd, a, c = res
-    n = xc.shape[0]
-    pre = xc @ (w1 * a) + c
-    dw2 = jax.nn.relu(pre).T @ g
-    dpre = jnp.where(pre > 0, g @ w2.T, 0.0)
-    dshift = jnp.sum(dpre, axis=0)
-    dw1a = xc.T @ dpre - jnp.outer(m, dshift)
-    da = jnp.sum(dw1a * w1, axis=0)
-    dvar = da * scale * (-0.5) * rstd**3
-    dcov = (w1 * dvar) @ w1.T
-    dw1 = dw1a * a + 2.0 * (cov @ w1) * dvar
-    dx = dpre @ (w1 * a).T + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ (w1 * a).T) / n
-    return dx, dw1, jnp.zeros_like(a), da * rstd, dshift, dw2
+    r = jax.nn.relu(xc @ (w1 * a) + c)
+    return model._cell_mlp_folded_bwd(eps, (xc, m, w1, scale, w2, cov, rstd, a, r), g)
 
 
 mlp_recompute.defvjp(_fwd, _bwd)

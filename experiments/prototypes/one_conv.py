@@ -30,42 +30,30 @@ def perceive_one_conv(pp, state):
     return jnp.concatenate([state, p + b], axis=-1)
 
 
-def apply_rule_one_conv(level_params, state, cfg):
-    feats = perceive_one_conv(level_params["perceive"], state)
-    b, h, w, f = feats.shape
-    p = level_params
-    out = model.cell_mlp_folded(
-        feats.reshape(b * h * w, f),
-        p["dense_in"]["kernel"],
-        p["dense_in"]["bias"],
-        p["norm"]["scale"],
-        p["norm"]["bias"],
-        p["dense_out"]["kernel"],
-        cfg.bn_eps,
-    )
-    return out.reshape(b, h, w, -1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="*", default=[4])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
-    mc = ModelConfig()
-    library = model.apply_rule
-    variants = {"two convs": library, "one conv": apply_rule_one_conv}
+    # the variant goes in through the library's "im2col" hook: apply_rule calls
+    # model.perceive_im2col for it, patched here before the variant is traced
+    library = model.perceive_im2col
+    variants = {
+        "two convs": (ModelConfig(), library),
+        "one conv": (ModelConfig(perceive="im2col"), perceive_one_conv),
+    }
     cases = {
         f"training step, batch {b}": (lambda m, b=b: train_runner(m, a.size, b)) for b in a.batch
     }
     cases[f"one prediction, 1 x {a.size}"] = lambda m: predict_runner(m, a.size)
     for name, make in cases.items():
         fns, first = {}, {}
-        for v, rule in variants.items():
-            model.apply_rule = rule  # read by nca_step when the function is traced
+        for v, (mc, perceive) in variants.items():
+            model.perceive_im2col = perceive
             fns[v] = make(mc)
             first[v] = np.asarray(fns[v]())  # traces and compiles with this variant
-        model.apply_rule = library
+        model.perceive_im2col = library
         diff = float(np.max(np.abs(first["two convs"] - first["one conv"])))
         t = timeit_interleaved(fns, a.reps)
         print(
