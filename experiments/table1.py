@@ -593,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(a.models or []) - set(p.models)
     if unknown:
         raise ConfigError(f"{a.protocol}: no model(s) {sorted(unknown)}")
+    unknown = set(a.sites or []) - set(p.sites)
+    if unknown:
+        raise ConfigError(
+            f"{a.protocol}: no site(s) {sorted(unknown)}; its sites are {list(p.sites)}"
+        )
     if not a.publish_only:
         use_compile_cache(a.compile_cache, Path(a.work))
     full = Table(a, p, calib)

@@ -575,6 +575,24 @@ def test_table1_versus_reads_each_seed_against_twice_its_standard_error():
     assert versus([r for r in rows if r["model"] != "med-nca"]) == []
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--sites", "Montgomery", r"no site\(s\) \['Montgomery'\]; its sites are \['shenzhen'"),
+        ("--models", "unet-tiny", r"no model\(s\) \['unet-tiny'\]"),
+    ],
+)
+def test_table1_names_an_unknown_site_or_model_before_any_work(tmp_path, flag, value, message):
+    """A mistyped site (the protocol's are lower case) stops at once with the known ones, not
+    with a missing split file after compiling."""
+    from experiments.table1 import main
+
+    args = ["--protocol", str(ROOT / "configs" / "table1_cpu.json"), flag, value]
+    with pytest.raises(ConfigError, match=message):
+        main([*args, "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")])
+    assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()
+
+
 @pytest.mark.slow
 def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(tmp_path):
     data, splits = _phantom_sites(tmp_path, 6, 30)
