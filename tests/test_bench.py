@@ -50,6 +50,11 @@ def test_bench_smoke(tmp_path):
     assert d["speedup_predict_fold"] == d["predict_unfolded_s"] / d["predict_unfolded_base_s"]
     mc = ModelConfig(steps=2, patch=8)
     assert abs(d["train_gflops"] - bench.train_flop(mc, 2) / d["train_step_s"] / 1e9) < 1e-6
+    # the variance's rate is the library's path (what a user runs), the vmap's its own
+    flop10 = 10 * bench.predict_cell_steps(mc, 32) * bench.flop_per_cell_step(mc)
+    assert d["variance10_gflops"] == pytest.approx(flop10 / d["variance10_s"] / 1e9)
+    assert d["variance10_vmap_gflops"] == pytest.approx(flop10 / d["variance10_vmap_s"] / 1e9)
+    assert d["variance10_fraction_of_matmul"] == d["variance10_gflops"] / d["matmul_gflops"]
 
 
 def test_timeit_interleaved_alternates_the_calls():
