@@ -154,6 +154,10 @@ COMPARISONS: dict[str, tuple[dict[str, Any], str, str, bool, str, str]] = {
         {"fold_norm": False}, "unfolded", "fold", True,
         "norm not folded", "folding is {:.2f}x faster",
     ),
+    "compare_chunk": (
+        {"mlp_chunk": 0}, "unchunked", "chunk", True,
+        "MLP on all cells at once", "chunks are {:.2f}x faster",
+    ),
 }  # fmt: skip
 
 
@@ -366,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         "into the first dense layer (model.fold_norm false, the MLP before session 19) and "
         "print the ratios",
     )
+    p.add_argument(
+        "--compare-chunk",
+        action="store_true",
+        help="also time the training step and one prediction with the folded MLP on all cells "
+        "at once (model.mlp_chunk 0, the MLP before session 21) and print the ratios",
+    )
     p.add_argument("--peer", help="folder holding the authors' src/ (see ../shared/peer/README.md)")
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument(
@@ -394,10 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         "batches": a.batch,
         "flop_per_cell_step": flop_per_cell_step(mc),
     }
-    if a.tflite_only and (a.compare_perceive or a.compare_fold or a.autodiff_baseline):
+    if a.tflite_only and any(getattr(a, flag) for flag in COMPARISONS):
         raise ConfigError(
-            "--compare-perceive, --compare-fold and --autodiff-baseline time JAX: not with "
-            "--tflite-only"
+            "--compare-perceive, --compare-fold, --compare-chunk and --autodiff-baseline time "
+            "JAX: not with --tflite-only"
         )
     if a.tflite_only and not a.tflite:
         raise ConfigError("--tflite-only needs --tflite FILE")
@@ -426,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         r = bench_predict(mc, a.size, a.reps)
         r["variance10_fraction_of_matmul"] = r["variance10_gflops"] / res["matmul_gflops"]
         res.update(r)
-        for flag in ("compare_perceive", "compare_fold"):
+        for flag in ("compare_perceive", "compare_fold", "compare_chunk"):
             if getattr(a, flag):
                 res.update(
                     compare(flag, mc, lambda m: predict_runner(m, a.size), a.reps, "predict",

@@ -58,6 +58,11 @@ class ModelConfig:
     # array (a training step 1.14-1.26x at batch 4, session 19). fast_backward false (XLA's own
     # gradient of the flax rule, the reference) does not fold.
     fold_norm: bool = True
+    # > 0: the folded MLP runs this many cells at a time (a lax.scan over chunks of cells, each
+    # chunk's (cells, hidden) arrays in cache; the backward recomputes them): same function.
+    # 0 = all cells at once; -1 = auto (2048 on CPU, 0 on GPU/TPU; nca_jax.mlp.resolve_chunk).
+    # Unused where fold_norm is false; the TFLite export always uses 0.
+    mlp_chunk: int = -1
     kind: str = "med-nca"  # "med-nca" or "unet" (the deterministic baseline of Table 1)
     unet_blocks: int = 5  # UNet: encoding blocks (pooling levels + 1)
     unet_channels: int = 64  # UNet: channels of the first level, doubled per level
@@ -72,6 +77,10 @@ class ModelConfig:
             )
         if self.perceive == "im2col" and not self.fast_backward:
             raise ConfigError('model.perceive "im2col" needs model.fast_backward true')
+        if self.mlp_chunk < -1:
+            raise ConfigError(f"model.mlp_chunk must be -1 (auto) or >= 0, got {self.mlp_chunk}")
+        if self.mlp_chunk > 0 and not (self.fold_norm and self.fast_backward):
+            raise ConfigError("model.mlp_chunk > 0 needs model.fold_norm and model.fast_backward")
         if self.unet_blocks < 2 or self.unet_channels < 1:
             raise ConfigError("model.unet_blocks must be >= 2 and model.unet_channels >= 1")
         if not (math.isfinite(self.bn_eps) and self.bn_eps > 0):

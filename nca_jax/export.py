@@ -140,9 +140,9 @@ class Functions:
 
     def __init__(self, cfg: RunConfig, spec: ExportSpec, params: Params):
         if cfg.model.kind == "med-nca":  # same function, computed as the spec asks
-            cfg = dataclasses.replace(
-                cfg, model=dataclasses.replace(cfg.model, perceive=spec.perceive_impl(cfg.model))
-            )
+            # and with the MLP on all cells at once (a converted scan keeps its buffers)
+            mc = dataclasses.replace(cfg.model, perceive=spec.perceive_impl(cfg.model), mlp_chunk=0)
+            cfg = dataclasses.replace(cfg, model=mc)
         self.cfg, self.spec, self.mc = cfg, spec, cfg.model
         flat = flatten_params(params)
         self.names = list(flat)

@@ -9,13 +9,13 @@ is NOT rescaled (unlike dropout): a cell either adds its full update or keeps it
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nca_jax import mlp
 from nca_jax.config import ModelConfig
 from nca_jax.unet import init_unet, unet_logits
 
@@ -82,124 +82,6 @@ def update_rule(cfg: ModelConfig) -> UpdateRule:
     return UpdateRule(channels=cfg.channels, hidden=cfg.hidden, bn_eps=cfg.bn_eps)
 
 
-# The per-cell MLP with batch-stats norm, with a hand-written backward pass. XLA CPU's own
-# gradient of these few ops is memory-bound (about 10x the forward time); this one keeps only
-# the inputs and the normalised features for the backward, recomputes the ReLU, and folds the
-# batch-norm gradient into one expression. Same function and gradient (tested against autodiff).
-
-
-def _mlp_forward(
-    x: jax.Array,
-    w1: jax.Array,
-    b1: jax.Array,
-    scale: jax.Array,
-    shift: jax.Array,
-    w2: jax.Array,
-    eps: float,
-) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    h = x @ w1 + b1
-    mean = jnp.mean(h, axis=0)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(h - mean), axis=0) + eps)
-    xhat = (h - mean) * rstd
-    out = jax.nn.relu(xhat * scale + shift) @ w2
-    return out, (x, w1, scale, shift, w2, xhat, rstd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def cell_mlp(
-    x: jax.Array,
-    w1: jax.Array,
-    b1: jax.Array,
-    scale: jax.Array,
-    shift: jax.Array,
-    w2: jax.Array,
-    eps: float,
-) -> jax.Array:
-    """Per-cell features x (N, F) -> update (N, C): relu(norm(x @ w1 + b1)) @ w2, where norm
-    uses the statistics over all N cells (biased variance) and then scale and shift (hidden,)."""
-    return _mlp_forward(x, w1, b1, scale, shift, w2, eps)[0]
-
-
-def _cell_mlp_bwd(eps, res, g):
-    del eps
-    x, w1, scale, shift, w2, xhat, rstd = res
-    n = x.shape[0]
-    pre = xhat * scale + shift
-    dn = jnp.where(pre > 0, g @ w2.T, 0.0)
-    dw2 = jnp.maximum(pre, 0.0).T @ g
-    dscale = jnp.sum(dn * xhat, axis=0)
-    dshift = jnp.sum(dn, axis=0)
-    dh = (rstd * scale) * (dn - dshift / n - xhat * (dscale / n))
-    return dh @ w1.T, x.T @ dh, jnp.sum(dh, axis=0), dscale, dshift, dw2
-
-
-cell_mlp.defvjp(_mlp_forward, _cell_mlp_bwd)  # the forward already returns the residuals
-
-
-# The same MLP with the batch norm folded into the first dense layer. With mu (F,) and cov
-# (F, F) the mean and covariance of the N input rows, the pre-activation h = x @ w1 + b1 has
-# h - mean(h) = (x - mu) @ w1 and per-feature variance diag(w1^T cov w1), so
-# norm(h) * scale + shift = (x - mu) @ (w1 * a) + shift, a = scale * rsqrt(var + eps).
-# The (N, hidden) array is never normalised in a pass of its own, and the backward keeps
-# relu(pre) (which the forward makes anyway) instead of the normalised features. Centring x
-# first (and taking off the mean that float rounding leaves) also spares the cancellation of
-# h - mean(h) when the inputs sit far from 0 with a small spread. b1 cancels: its gradient is
-# exactly 0 here (0 up to rounding in `cell_mlp`).
-
-
-def _folded_forward(
-    x: jax.Array,
-    w1: jax.Array,
-    b1: jax.Array,
-    scale: jax.Array,
-    shift: jax.Array,
-    w2: jax.Array,
-    eps: float,
-) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    del b1
-    xc = x - jnp.mean(x, axis=0)
-    m = jnp.mean(xc, axis=0)  # the rounding left in the first mean: small, so exact enough
-    cov = (xc.T @ xc) / x.shape[0] - jnp.outer(m, m)
-    rstd = jax.lax.rsqrt(jnp.sum((cov @ w1) * w1, axis=0) + eps)
-    a = scale * rstd
-    r = jax.nn.relu(xc @ (w1 * a) + (shift - (m @ w1) * a))
-    return r @ w2, (xc, m, w1, scale, w2, cov, rstd, a, r)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def cell_mlp_folded(
-    x: jax.Array,
-    w1: jax.Array,
-    b1: jax.Array,
-    scale: jax.Array,
-    shift: jax.Array,
-    w2: jax.Array,
-    eps: float,
-) -> jax.Array:
-    """`cell_mlp`'s function (x (N, F) -> (N, C)), computed with the norm folded into w1."""
-    return _folded_forward(x, w1, b1, scale, shift, w2, eps)[0]
-
-
-def _cell_mlp_folded_bwd(eps, res, g):
-    del eps
-    xc, m, w1, scale, w2, cov, rstd, a, r = res  # the centred rows are xc - m
-    n = xc.shape[0]
-    dw2 = r.T @ g
-    dpre = jnp.where(r > 0, g @ w2.T, 0.0)
-    dshift = jnp.sum(dpre, axis=0)
-    dw1a = xc.T @ dpre - jnp.outer(m, dshift)  # the gradient of the folded weights w1 * a
-    da = jnp.sum(dw1a * w1, axis=0)
-    dvar = da * scale * (-0.5) * rstd**3
-    dcov = (w1 * dvar) @ w1.T
-    dw1 = dw1a * a + 2.0 * (cov @ w1) * dvar
-    # through the centring: the row mean of the rows' gradient comes off (the cov term's is 0)
-    dx = dpre @ (w1 * a).T + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ (w1 * a).T) / n
-    return dx, dw1, jnp.zeros_like(a), da * rstd, dshift, dw2
-
-
-cell_mlp_folded.defvjp(_folded_forward, _cell_mlp_folded_bwd)
-
-
 def perceive_im2col(perceive_params: Params, state: jax.Array) -> jax.Array:
     """Perceive's function as one matmul: state (B, H, W, C) -> features (B, H, W, 3C).
 
@@ -228,8 +110,7 @@ def apply_rule(level_params: Params, state: jax.Array, cfg: ModelConfig) -> jax.
         feats = Perceive(cfg.channels).apply({"params": level_params["perceive"]}, state)
     b, h, w, f = feats.shape
     p = level_params
-    mlp = cell_mlp_folded if cfg.fold_norm else cell_mlp
-    out = mlp(
+    args = (
         feats.reshape(b * h * w, f),
         p["dense_in"]["kernel"],
         p["dense_in"]["bias"],
@@ -238,6 +119,10 @@ def apply_rule(level_params: Params, state: jax.Array, cfg: ModelConfig) -> jax.
         p["dense_out"]["kernel"],
         cfg.bn_eps,
     )
+    if cfg.fold_norm:
+        out = mlp.folded_mlp(*args, chunk=mlp.resolve_chunk(cfg.mlp_chunk))
+    else:
+        out = mlp.cell_mlp(*args)
     return out.reshape(b, h, w, -1)
 
 

@@ -20,7 +20,8 @@ def test_bench_smoke(tmp_path):
         bench.main(
             [
                 *("--size", "32", "--steps", "2", "--batch", "2", "--reps", "1"),
-                *("--compare-perceive", "--compare-fold", "--json", str(out)),
+                *("--compare-perceive", "--compare-fold", "--compare-chunk"),
+                *("--json", str(out)),
             ]
         )
         == 0
@@ -42,6 +43,10 @@ def test_bench_smoke(tmp_path):
         "speedup_fold",
         "predict_unfolded_s",
         "speedup_predict_fold",
+        "train_step_unchunked_s",
+        "speedup_chunk",
+        "predict_unchunked_s",
+        "speedup_predict_chunk",
     ):
         assert d[k] > 0, k
     # each ratio comes from the pair timed interleaved, not from the separate base timing

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import randomised_params
 
+from nca_jax import mlp
 from nca_jax import model as m
 from nca_jax.config import ConfigError, ModelConfig
 
@@ -283,9 +284,55 @@ def test_folded_norm_keeps_its_precision_on_offset_inputs():
     pre = h / np.sqrt(h.var(0) + 1e-5) * np.asarray(scale) + np.asarray(shift)
     want = np.maximum(pre, 0) @ np.asarray(w2, np.float64)
     args = (x, w1, jnp.zeros(8), scale, shift, w2, 1e-5)
-    folded = np.abs(np.asarray(m.cell_mlp_folded(*args)) - want).max()
-    plain = np.abs(np.asarray(m.cell_mlp(*args)) - want).max()
+    folded = np.abs(np.asarray(mlp.cell_mlp_folded(*args)) - want).max()
+    plain = np.abs(np.asarray(mlp.cell_mlp(*args)) - want).max()
     assert folded < 1e-4 < plain
+
+
+@pytest.mark.parametrize("chunk", [7, 35, 64])  # 70 cells: a padded last chunk, none, one
+def test_chunked_mlp_equals_the_folded_rule_in_value_and_gradient(chunk):
+    """model.mlp_chunk (the folded MLP a chunk of cells at a time, the backward recomputing
+    each chunk) is the same rule as the folded one and as UpdateRule.apply, whether the cells
+    split into whole chunks or the last one is padded; the norm-cancelled bias gets exactly 0."""
+    cfg = ModelConfig(channels=6, hidden=10)
+    params = randomised_params(cfg, seed=7)["level1"]
+    state = jax.random.normal(jax.random.key(12), (2, 5, 7, 6))  # 70 cells
+    cot = jax.random.normal(jax.random.key(13), (2, 5, 7, 6))
+    rule = m.update_rule(cfg)
+    ref_out, ref_vjp = jax.vjp(lambda p, s: rule.apply({"params": p}, s), params, state)
+    c = dataclasses.replace(cfg, mlp_chunk=chunk)
+    out, vjp = jax.vjp(lambda p, s: m.apply_rule(p, s, c), params, state)
+    whole = dataclasses.replace(cfg, mlp_chunk=0)
+    fold_out, fold_vjp = jax.vjp(lambda p, s: m.apply_rule(p, s, whole), params, state)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, fold_out, rtol=1e-6, atol=1e-6)
+    got = vjp(cot)
+    for want, tol in ((ref_vjp(cot), 1e-4), (fold_vjp(cot), 1e-5)):
+        for a, b in zip(
+            jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True
+        ):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+    assert not np.any(got[0]["dense_in"]["bias"])
+
+
+def test_chunked_mlp_is_a_loop_over_chunks_only_where_there_are_several():
+    x = jnp.ones((70, 18))
+    args = (x, jnp.ones((18, 10)), jnp.zeros(10), jnp.ones(10), jnp.zeros(10), jnp.ones((10, 6)))
+    for chunk, loops in ((7, True), (64, True), (70, False), (128, False), (0, False)):
+        jaxpr = str(jax.make_jaxpr(lambda *a, k=chunk: mlp.folded_mlp(*a, 1e-5, chunk=k))(*args))
+        assert ("scan" in jaxpr) == loops, chunk
+
+
+def test_mlp_chunk_auto_is_the_cpu_chunk_on_cpu_and_an_option_is_checked():
+    assert ModelConfig().mlp_chunk == -1
+    assert mlp.resolve_chunk(-1) == (mlp.CPU_CHUNK if jax.default_backend() == "cpu" else 0)
+    assert (mlp.resolve_chunk(0), mlp.resolve_chunk(512)) == (0, 512)
+    with pytest.raises(ConfigError, match="model.mlp_chunk must be -1 .auto. or >= 0"):
+        ModelConfig(mlp_chunk=-2).validate()
+    with pytest.raises(ConfigError, match="mlp_chunk > 0 needs model.fold_norm"):
+        ModelConfig(mlp_chunk=1024, fold_norm=False).validate()
+    ModelConfig(mlp_chunk=1024).validate()
+    ModelConfig(fold_norm=False).validate()  # auto: no chunks without the fold
 
 
 def test_perceive_option_is_checked():

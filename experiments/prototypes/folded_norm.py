@@ -1,6 +1,6 @@
 """Micro-benchmark (issue 17, goal 1, session 19): the per-cell MLP's value and gradient, plain
-(`model.cell_mlp`) against the batch norm folded into the first dense layer through the input's
-covariance (`model.cell_mlp_folded`, config `model.fold_norm`), timed interleaved in one process.
+(`mlp.cell_mlp`) against the batch norm folded into the first dense layer through the input's
+covariance (`mlp.cell_mlp_folded`, config `model.fold_norm`), timed interleaved in one process.
 
 The hidden pre-activation h = x @ w1 + b1 has mean mu @ w1 + b1 and, per feature, variance
 diag(w1^T cov(x) w1), with mu (F,) and cov(x) (F, F) the statistics of the N input rows. So
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nca_jax.model import cell_mlp, cell_mlp_folded
+from nca_jax.mlp import cell_mlp, cell_mlp_folded
 
 
 def _inputs(n: int, f: int = 48, h: int = 128, c: int = 16, seed: int = 0):

@@ -1,7 +1,7 @@
 """Prototype (issue 17, goal 1, session 20): the folded MLP's backward recomputing relu(pre)
 instead of keeping it.
 
-`model.cell_mlp_folded` keeps r = relu(pre), (N, hidden) per NCA step, for its backward: at
+`mlp.cell_mlp_folded` keeps r = relu(pre), (N, hidden) per NCA step, for its backward: at
 batch 4 that is 16,384 x 128 x 4 B = 8 MB per step, 800 MB over the 2 x 50 steps of a training
 step, written in the forward and read back in the backward. This variant keeps only the centred
 input (N, 48) that the folded forward keeps anyway, and recomputes pre = xc @ (w1 * a) + c in the
@@ -9,7 +9,7 @@ backward (one more (N, 48) @ (48, hidden) matmul per step, a third more dense_in
 
 Timed interleaved in one process against the library's folded MLP: the MLP alone (value and
 gradient), then the whole supervised training step (configs/paper.json model, 256 px, 50 steps),
-each built once per variant by swapping `model.cell_mlp_folded` before its first call (its
+each built once per variant by swapping `mlp.cell_mlp_folded` before its first call (its
 trace). Gradients compared to the library's.
 
 Usage: python experiments/prototypes/folded_recompute.py [--rows 16384] [--batch 4] [--reps 5]
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.prototypes.folded_norm import _inputs as mlp_inputs
-from nca_jax import model
+from nca_jax import mlp
 from nca_jax.bench import timeit_interleaved, train_runner
 from nca_jax.config import ModelConfig
 
@@ -32,7 +32,7 @@ from nca_jax.config import ModelConfig
 def _fwd(x, w1, b1, scale, shift, w2, eps):
     """The library's folded forward, keeping the bias c of pre = xc @ (w1 * a) + c instead of
     relu(pre) for the backward."""
-    out, (xc, m, w1, scale, w2, cov, rstd, a, _) = model._folded_forward(
+    out, (xc, m, w1, scale, w2, cov, rstd, a, _) = mlp._folded_forward(
         x, w1, b1, scale, shift, w2, eps
     )
     return out, (xc, m, w1, scale, w2, cov, rstd, a, shift - (m @ w1) * a)
@@ -47,7 +47,7 @@ def _bwd(eps, res, g):
     """pre recomputed from the centred input, then the library's folded backward."""
     xc, m, w1, scale, w2, cov, rstd, a, c = res
     r = jax.nn.relu(xc @ (w1 * a) + c)
-    return model._cell_mlp_folded_bwd(eps, (xc, m, w1, scale, w2, cov, rstd, a, r), g)
+    return mlp._cell_mlp_folded_bwd(eps, (xc, m, w1, scale, w2, cov, rstd, a, r), g)
 
 
 mlp_recompute.defvjp(_fwd, _bwd)
@@ -82,13 +82,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="*", default=[4])
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
-    library = model.cell_mlp_folded
+    library = mlp.cell_mlp_folded
     for n in a.rows:
         args, g = mlp_inputs(n)
         fns = {}
-        for name, mlp in VARIANTS.items():
-            mlp = mlp or library
-            f = jax.jit(jax.value_and_grad(lambda ar, gg, mlp=mlp: jnp.sum(mlp(*ar, 1e-5) * gg)))
+        for name, fn in VARIANTS.items():
+            fn = fn or library
+            f = jax.jit(jax.value_and_grad(lambda ar, gg, fn=fn: jnp.sum(fn(*ar, 1e-5) * gg)))
             fns[name] = functools.partial(f, args, g)
         ref = fns["keep r"]()
         err = {
@@ -102,11 +102,11 @@ def main() -> None:
         print(f"MLP alone, {n} rows:", _report(med, 1e3, "ms"), f"max relative diff {err}")
     for b in a.batch:
         fns, losses = {}, {}
-        for name, mlp in VARIANTS.items():
-            model.cell_mlp_folded = mlp or library  # read by apply_rule when the step is traced
-            fns[name] = train_runner(ModelConfig(), 256, b)
+        for name, fn in VARIANTS.items():
+            mlp.cell_mlp_folded = fn or library  # read when the step is traced
+            fns[name] = train_runner(ModelConfig(mlp_chunk=0), 256, b)  # all cells at once
             losses[name] = float(fns[name]())  # traces and compiles with this variant
-        model.cell_mlp_folded = library
+        mlp.cell_mlp_folded = library
         med = timeit_interleaved(fns, a.reps)
         print(f"training step, batch {b}:", _report(med, 1, "s"), f"first losses {losses}")
 

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nca_jax.config import ModelConfig
-from nca_jax.model import Params, Perceive, _mlp_forward, init_params, rollout
+from nca_jax.mlp import _mlp_forward
+from nca_jax.model import Params, Perceive, init_params, rollout
 
 
 def make_rollout(cfg: ModelConfig) -> Callable[..., jax.Array]:

@@ -1,0 +1,66 @@
+"""Prototype (issue 17, goal 1, session 21): how many cells per chunk for the chunked MLP.
+
+`model.mlp_chunk` runs the folded MLP a chunk of cells at a time (`mlp.cell_mlp_chunked`): only
+the statistics use all cells at once, every (chunk, hidden) array stays in cache, and the
+backward recomputes the chunk's pre-activations instead of reading relu(pre) back from memory.
+This sweep times the library's MLP alone (value and gradient) and the whole supervised training
+step at several chunk sizes, interleaved in one process, against all cells at once (chunk 0),
+and checks the gradients against chunk 0's.
+
+Usage: python experiments/prototypes/chunked_mlp.py [--rows 16384 65536]
+       [--chunks 1024 2048 4096] [--batch 4] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from experiments.prototypes.folded_norm import _inputs as mlp_inputs
+from nca_jax import mlp
+from nca_jax.bench import timeit_interleaved, train_runner
+from nca_jax.config import ModelConfig
+
+
+def _report(med: dict[str, float], unit: float, name: str) -> str:
+    base = med["chunk 0"]
+    return ", ".join(f"{k} {v * unit:.3g} {name} ({base / v:.2f}x)" for k, v in med.items())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="*", default=[16384, 65536])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--batch", type=int, nargs="*", default=[4])
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args()
+    chunks = [0, *a.chunks]
+    for n in a.rows:
+        args, g = mlp_inputs(n)
+        fns = {}
+        for k in chunks:
+            fn = functools.partial(mlp.folded_mlp, chunk=k)
+            f = jax.jit(jax.value_and_grad(lambda ar, gg, fn=fn: jnp.sum(fn(*ar, 1e-5) * gg)))
+            fns[f"chunk {k}"] = functools.partial(f, args, g)
+        ref = fns["chunk 0"]()
+        err = {
+            k: max(
+                float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(u)) + 1e-30))
+                for u, v in zip(jax.tree.leaves(ref), jax.tree.leaves(fn()), strict=True)
+            )
+            for k, fn in fns.items()
+        }
+        med = timeit_interleaved(fns, 2 * a.reps + 1)
+        print(f"MLP alone, {n} rows:", _report(med, 1e3, "ms"), f"max relative diff {err}")
+    for b in a.batch:
+        fns = {f"chunk {k}": train_runner(ModelConfig(mlp_chunk=k), 256, b) for k in chunks}
+        losses = {k: float(fn()) for k, fn in fns.items()}
+        med = timeit_interleaved(fns, a.reps)
+        print(f"training step, batch {b}:", _report(med, 1, "s"), f"first losses {losses}")
+
+
+if __name__ == "__main__":
+    main()

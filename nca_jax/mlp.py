@@ -1,0 +1,259 @@
+"""The per-cell update MLP of a Med-NCA level with its batch-stats norm, as plain functions
+with hand-written backward passes: x (N, F) per-cell features -> (N, C) updates, where the norm
+uses the statistics over all N cells.
+
+Three implementations of one function (tested against the Flax rule's autodiff): `cell_mlp`
+(the norm as written), `cell_mlp_folded` (the norm folded into the first dense layer, the
+default) and `cell_mlp_chunked` (the folded one a chunk of cells at a time). `model.apply_rule`
+picks one from the ModelConfig.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# The per-cell MLP with batch-stats norm, with a hand-written backward pass. XLA CPU's own
+# gradient of these few ops is memory-bound (about 10x the forward time); this one keeps only
+# the inputs and the normalised features for the backward, recomputes the ReLU, and folds the
+# batch-norm gradient into one expression. Same function and gradient (tested against autodiff).
+
+
+def _mlp_forward(
+    x: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    w2: jax.Array,
+    eps: float,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    h = x @ w1 + b1
+    mean = jnp.mean(h, axis=0)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(h - mean), axis=0) + eps)
+    xhat = (h - mean) * rstd
+    out = jax.nn.relu(xhat * scale + shift) @ w2
+    return out, (x, w1, scale, shift, w2, xhat, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def cell_mlp(
+    x: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    w2: jax.Array,
+    eps: float,
+) -> jax.Array:
+    """Per-cell features x (N, F) -> update (N, C): relu(norm(x @ w1 + b1)) @ w2, where norm
+    uses the statistics over all N cells (biased variance) and then scale and shift (hidden,)."""
+    return _mlp_forward(x, w1, b1, scale, shift, w2, eps)[0]
+
+
+def _cell_mlp_bwd(eps, res, g):
+    del eps
+    x, w1, scale, shift, w2, xhat, rstd = res
+    n = x.shape[0]
+    pre = xhat * scale + shift
+    dn = jnp.where(pre > 0, g @ w2.T, 0.0)
+    dw2 = jnp.maximum(pre, 0.0).T @ g
+    dscale = jnp.sum(dn * xhat, axis=0)
+    dshift = jnp.sum(dn, axis=0)
+    dh = (rstd * scale) * (dn - dshift / n - xhat * (dscale / n))
+    return dh @ w1.T, x.T @ dh, jnp.sum(dh, axis=0), dscale, dshift, dw2
+
+
+cell_mlp.defvjp(_mlp_forward, _cell_mlp_bwd)  # the forward already returns the residuals
+
+
+# The same MLP with the batch norm folded into the first dense layer. With mu (F,) and cov
+# (F, F) the mean and covariance of the N input rows, the pre-activation h = x @ w1 + b1 has
+# h - mean(h) = (x - mu) @ w1 and per-feature variance diag(w1^T cov w1), so
+# norm(h) * scale + shift = (x - mu) @ (w1 * a) + shift, a = scale * rsqrt(var + eps).
+# The (N, hidden) array is never normalised in a pass of its own, and the backward keeps
+# relu(pre) (which the forward makes anyway) instead of the normalised features. Centring x
+# first (and taking off the mean that float rounding leaves) also spares the cancellation of
+# h - mean(h) when the inputs sit far from 0 with a small spread. b1 cancels: its gradient is
+# exactly 0 here (0 up to rounding in `cell_mlp`).
+
+
+def _folded_stats(
+    x: jax.Array, w1: jax.Array, scale: jax.Array, shift: jax.Array, eps: float
+) -> tuple[jax.Array, ...]:
+    """The folded MLP's part over all N rows x (N, F): the centred rows xc (N, F), the mean m
+    (F,) that rounding leaves in them, their covariance (F, F), rstd and a = scale * rstd
+    (hidden,), the folded weights w1 * a (F, hidden) and bias c (hidden,): pre = xc @ (w1 * a)
+    + c is the normalised, scaled and shifted pre-activation."""
+    xc = x - jnp.mean(x, axis=0)
+    m = jnp.mean(xc, axis=0)  # the rounding left in the first mean: small, so exact enough
+    cov = (xc.T @ xc) / x.shape[0] - jnp.outer(m, m)
+    rstd = jax.lax.rsqrt(jnp.sum((cov @ w1) * w1, axis=0) + eps)
+    a = scale * rstd
+    return xc, m, cov, rstd, a, w1 * a, shift - (m @ w1) * a
+
+
+def _folded_forward(
+    x: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    w2: jax.Array,
+    eps: float,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    del b1
+    xc, m, cov, rstd, a, wf, c = _folded_stats(x, w1, scale, shift, eps)
+    r = jax.nn.relu(xc @ wf + c)
+    return r @ w2, (xc, m, w1, scale, w2, cov, rstd, a, r)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def cell_mlp_folded(
+    x: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    w2: jax.Array,
+    eps: float,
+) -> jax.Array:
+    """`cell_mlp`'s function (x (N, F) -> (N, C)), computed with the norm folded into w1."""
+    return _folded_forward(x, w1, b1, scale, shift, w2, eps)[0]
+
+
+def _cell_mlp_folded_bwd(eps, res, g):
+    del eps
+    xc, m, w1, scale, w2, cov, rstd, a, r = res  # the centred rows are xc - m
+    n = xc.shape[0]
+    dw2 = r.T @ g
+    dpre = jnp.where(r > 0, g @ w2.T, 0.0)
+    dshift = jnp.sum(dpre, axis=0)
+    dw1a = xc.T @ dpre - jnp.outer(m, dshift)  # the gradient of the folded weights w1 * a
+    da = jnp.sum(dw1a * w1, axis=0)
+    dvar = da * scale * (-0.5) * rstd**3
+    dcov = (w1 * dvar) @ w1.T
+    dw1 = dw1a * a + 2.0 * (cov @ w1) * dvar
+    # through the centring: the row mean of the rows' gradient comes off (the cov term's is 0)
+    dx = dpre @ (w1 * a).T + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ (w1 * a).T) / n
+    return dx, dw1, jnp.zeros_like(a), da * rstd, dshift, dw2
+
+
+cell_mlp_folded.defvjp(_folded_forward, _cell_mlp_folded_bwd)
+
+
+# The folded MLP in chunks of rows. Only the statistics above use all N rows at once; the rest
+# is row by row, so a lax.scan over chunks of `chunk` rows computes it with every (chunk,
+# hidden) array in cache instead of (N, hidden) arrays in memory (8 MB per NCA step at batch
+# 4). The backward recomputes each chunk's pre-activations (one more (chunk, F) @ (F, hidden)
+# matmul) instead of keeping relu(pre), and accumulates the weight gradients chunk by chunk.
+# The rows are padded with zeros to a multiple of `chunk`: a padded row gets a zero gradient
+# g, so it adds nothing to any weight gradient, and its output is dropped.
+
+
+def _row_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """(N, F) -> (ceil(N / chunk), chunk, F), the last chunk padded with zero rows."""
+    n, f = x.shape
+    k = -(-n // chunk)
+    return jnp.pad(x, ((0, k * chunk - n), (0, 0))).reshape(k, chunk, f)
+
+
+def _chunked_forward(
+    x: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    w2: jax.Array,
+    eps: float,
+    chunk: int,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    del b1
+    xc, m, cov, rstd, a, wf, c = _folded_stats(x, w1, scale, shift, eps)
+
+    def body(_: None, xk: jax.Array) -> tuple[None, jax.Array]:
+        return None, jax.nn.relu(xk @ wf + c) @ w2
+
+    out = jax.lax.scan(body, None, _row_chunks(xc, chunk))[1]
+    return out.reshape(-1, w2.shape[1])[: x.shape[0]], (xc, m, w1, scale, w2, cov, rstd, a, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def cell_mlp_chunked(
+    x: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    w2: jax.Array,
+    eps: float,
+    chunk: int,
+) -> jax.Array:
+    """`cell_mlp`'s function (x (N, F) -> (N, C)), folded, computed `chunk` rows at a time."""
+    return _chunked_forward(x, w1, b1, scale, shift, w2, eps, chunk)[0]
+
+
+def _cell_mlp_chunked_bwd(eps, chunk, res, g):
+    del eps
+    xc, m, w1, scale, w2, cov, rstd, a, c = res
+    n = xc.shape[0]
+    wf = w1 * a
+
+    def body(acc: tuple[jax.Array, ...], xg: tuple[jax.Array, jax.Array]):
+        xk, gk = xg
+        pre = xk @ wf + c
+        dpre = jnp.where(pre > 0, gk @ w2.T, 0.0)
+        dw2, xdpre, dshift = acc
+        acc = (
+            dw2 + jnp.maximum(pre, 0.0).T @ gk,
+            xdpre + xk.T @ dpre,
+            dshift + jnp.sum(dpre, axis=0),
+        )
+        return acc, dpre @ wf.T
+
+    zeros = (jnp.zeros_like(w2), jnp.zeros_like(w1), jnp.zeros_like(c))
+    (dw2, xdpre, dshift), dxf = jax.lax.scan(
+        body, zeros, (_row_chunks(xc, chunk), _row_chunks(g, chunk))
+    )
+    # from here on as _cell_mlp_folded_bwd, with xc.T @ dpre summed over the chunks
+    dw1a = xdpre - jnp.outer(m, dshift)
+    da = jnp.sum(dw1a * w1, axis=0)
+    dvar = da * scale * (-0.5) * rstd**3
+    dcov = (w1 * dvar) @ w1.T
+    dw1 = dw1a * a + 2.0 * (cov @ w1) * dvar
+    dx = dxf.reshape(-1, xc.shape[1])[:n] + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ wf.T) / n
+    return dx, dw1, jnp.zeros_like(a), da * rstd, dshift, dw2
+
+
+cell_mlp_chunked.defvjp(_chunked_forward, _cell_mlp_chunked_bwd)
+
+
+CPU_CHUNK = 2048  # cells per chunk on CPU (batch 16 training step 1.41-1.50x, session 21)
+
+
+def resolve_chunk(mlp_chunk: int) -> int:
+    """ModelConfig.mlp_chunk -> cells per chunk (0: all at once). -1 (auto) is CPU_CHUNK on
+    CPU and 0 on GPU/TPU, where a loop over chunks would only serialise the work."""
+    if mlp_chunk >= 0:
+        return mlp_chunk
+    return CPU_CHUNK if jax.default_backend() == "cpu" else 0
+
+
+def folded_mlp(
+    x: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    w2: jax.Array,
+    eps: float,
+    *,
+    chunk: int,
+) -> jax.Array:
+    """The folded MLP, x (N, F) -> (N, C): `chunk` cells at a time where there are more than
+    that (a loop over chunks), else all at once (chunk 0: always)."""
+    if 0 < chunk < x.shape[0]:
+        return cell_mlp_chunked(x, w1, b1, scale, shift, w2, eps, chunk)
+    return cell_mlp_folded(x, w1, b1, scale, shift, w2, eps)
