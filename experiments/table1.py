@@ -275,6 +275,7 @@ def collect(t: Table) -> list[dict[str, Any]]:
                             "epochs": tr["epochs_done"],
                             "steps": tr["steps"],
                             "best_val_dice": tr["best_val_dice"],
+                            "best_epoch": tr["best_epoch"],  # counted from 0, as the run's
                             "wall_s": tr["wall_s"],
                             "device": tr.get("device", "cpu"),
                             **_phone_fields(ph, "train"),
@@ -484,7 +485,9 @@ def markdown(
         f"Every model trained on the first {p.n_train} training images of its site for "
         f"{p.budget_minutes:g} minutes of training on this CPU (converted to epochs by one "
         f"calibration run, `{p.calibration}`; 'CPU min' = steps x calibrated seconds per "
-        "step, whatever ran the steps), weights of the best validation Dice; tested on "
+        "step, whatever ran the steps), weights of the best validation Dice (per seed, with "
+        "its epoch: one at the last epoch means the model was still improving when the "
+        "budget ran out); tested on "
         f"each site's test images (`n` in table1.json; {p.eval_samples} predictions per image "
         "for Med-NCA, one "
         "for the deterministic UNets). Phone column: LiteRT on this CPU, batch 1, "
@@ -493,8 +496,9 @@ def markdown(
         "",
         "| train on | model | "
         + " | ".join(f"Dice on {s}" for s in sites)
-        + " | params | seeds | trained (CPU min, epochs) | .tflite MB | infer s | train s |",
-        "|---|---|" + "---|" * len(sites) + "---|---|---|---|---|---|",
+        + " | params | seeds | trained (CPU min, epochs) | best val Dice (epoch) | .tflite MB "
+        "| infer s | train s |",
+        "|---|---|" + "---|" * len(sites) + "---|---|---|---|---|---|---|",
     ]
     models = list(p.models) + [VWSL_MODEL]
     for site in sites:
@@ -521,12 +525,17 @@ def markdown(
                 devs = sorted({r["device"] for r in mine})
                 on = "" if devs == ["cpu"] else f" (ran on {'/'.join(devs)})"
                 trained = f"{_mean(mins):.1f}{on}, {'/'.join(map(str, eps))}"
+            per_seed = {r["seed"]: r for r in mine if r.get("best_val_dice") is not None}
+            best = ", ".join(
+                f"{r['best_val_dice']:.3f} ({r['best_epoch'] + 1} of {r['epochs']})"
+                for _, r in sorted(per_seed.items())
+            )
             r0 = mine[0]
             fmts = (("tflite_mb", ".1f"), ("tflite_infer_s", ".2f"), ("tflite_train_s", ".2f"))
             phone = ["-" if r0[k] is None else f"{r0[k]:{f}}" for k, f in fmts]
             lines.append(
                 f"| {site} | {m} | {' | '.join(cells)} | {r0['params']:,} | "
-                f"{','.join(map(str, seeds))} | {trained} | {' | '.join(phone)} |"
+                f"{','.join(map(str, seeds))} | {trained} | {best or '-'} | {' | '.join(phone)} |"
             )
     if phones:
         lines += [

@@ -664,12 +664,14 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
         step_s = calib["models"][x["model"]]["step_s"]
         assert x["train_minutes"] == pytest.approx(x["steps"] * step_s / 60)
         assert x["measured_train_minutes"] > 0
+    assert all(x["best_epoch"] == 0 for x in mine)  # one epoch: its only validation
     assert {x["samples"] for x in mine if x["model"] == "unet-small"} == {1}  # deterministic
     assert {x["samples"] for x in mine if x["model"] == "med-nca"} == {2}
     # only vwsl-default with label-free selection is taken from the VWSL study
     assert [(x["model"], x["dice_mean"]) for x in rows if x not in mine] == [("med-nca+vwsl", 0.5)]
     md = (tmp_path / "results" / "table1.md").read_text()
     assert "| shenzhen | unet-small |" in md and "| shenzhen | med-nca+vwsl |" in md
+    assert " (1 of 1) |" in md  # each seed's best validation Dice and its epoch
     assert "| unet-small | 1,921 |" in md  # the phone column alone
     versus_rows = json.loads((tmp_path / "results" / "table1_versus.json").read_text())
     assert len(versus_rows) == 4  # med-nca against unet-small, train x test site
