@@ -456,3 +456,20 @@ def test_export_cli_copies_the_runs_training_mask_share_for_the_devices_safety_n
     (run / "run.json").unlink()
     assert export_cli.main([*base, "--out", str(tmp_path / "b.tflite")]) == 0
     assert "train_mask_share" not in json.loads((tmp_path / "b.tflite.json").read_text())
+
+
+def test_the_export_runs_the_mlp_on_all_cells_at_once_whatever_the_config_says():
+    """A converted lax.scan would keep its buffers as constants: an exported graph never loops
+    over chunks of cells (model.mlp_chunk), even where the run's config asks for them."""
+    from nca_jax.model import init_params
+
+    cfg = export_cfg()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mlp_chunk=16))
+    params = init_params(cfg.model, key=jax.random.key(0))
+    fns = ex.Functions(cfg, SPEC, params)
+    assert fns.mc.mlp_chunk == 0
+    flat = [jnp.asarray(p) for p in fns.params0]
+    img = jnp.zeros((SPEC.batch, 32, 32, 1))
+    m1 = jnp.ones((cfg.model.steps, SPEC.batch, 8, 8, 1))
+    m2 = jnp.ones((cfg.model.steps, SPEC.batch, 32, 32, 1))
+    assert "scan" not in str(jax.make_jaxpr(fns.infer)(flat, img, m1, m2))  # level 1: 64 cells
