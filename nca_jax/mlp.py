@@ -124,21 +124,34 @@ def cell_mlp_folded(
     return _folded_forward(x, w1, b1, scale, shift, w2, eps)[0]
 
 
-def _cell_mlp_folded_bwd(eps, res, g):
-    del eps
-    xc, m, w1, scale, w2, cov, rstd, a, r = res  # the centred rows are xc - m
+def _folded_grads(
+    xdpre: jax.Array,
+    dshift: jax.Array,
+    dx_rows: jax.Array,
+    dw2: jax.Array,
+    res: tuple[jax.Array, ...],
+) -> tuple[jax.Array, ...]:
+    """The folded MLP's gradients from the row sums its backward makes: xdpre = xc^T @ dpre
+    (F, hidden), dshift = the column sums of dpre (hidden,), dx_rows = dpre @ (w1 * a)^T
+    (N, F), dw2 (hidden, C); res = the forward's (xc, m, w1, scale, w2, cov, rstd, a, ...).
+    -> the gradients of (x, w1, b1, scale, shift, w2)."""
+    xc, m, w1, scale, _, cov, rstd, a = res[:8]  # the centred rows are xc - m
     n = xc.shape[0]
-    dw2 = r.T @ g
-    dpre = jnp.where(r > 0, g @ w2.T, 0.0)
-    dshift = jnp.sum(dpre, axis=0)
-    dw1a = xc.T @ dpre - jnp.outer(m, dshift)  # the gradient of the folded weights w1 * a
+    dw1a = xdpre - jnp.outer(m, dshift)  # the gradient of the folded weights w1 * a
     da = jnp.sum(dw1a * w1, axis=0)
     dvar = da * scale * (-0.5) * rstd**3
     dcov = (w1 * dvar) @ w1.T
     dw1 = dw1a * a + 2.0 * (cov @ w1) * dvar
     # through the centring: the row mean of the rows' gradient comes off (the cov term's is 0)
-    dx = dpre @ (w1 * a).T + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ (w1 * a).T) / n
+    dx = dx_rows + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ (w1 * a).T) / n
     return dx, dw1, jnp.zeros_like(a), da * rstd, dshift, dw2
+
+
+def _cell_mlp_folded_bwd(eps, res, g):
+    del eps
+    xc, _, w1, _, w2, _, _, a, r = res
+    dpre = jnp.where(r > 0, g @ w2.T, 0.0)
+    return _folded_grads(xc.T @ dpre, jnp.sum(dpre, axis=0), dpre @ (w1 * a).T, r.T @ g, res)
 
 
 cell_mlp_folded.defvjp(_folded_forward, _cell_mlp_folded_bwd)
@@ -197,7 +210,7 @@ def cell_mlp_chunked(
 
 def _cell_mlp_chunked_bwd(eps, chunk, res, g):
     del eps
-    xc, m, w1, scale, w2, cov, rstd, a, c = res
+    xc, _, w1, _, w2, _, _, a, c = res
     n = xc.shape[0]
     wf = w1 * a
 
@@ -217,14 +230,7 @@ def _cell_mlp_chunked_bwd(eps, chunk, res, g):
     (dw2, xdpre, dshift), dxf = jax.lax.scan(
         body, zeros, (_row_chunks(xc, chunk), _row_chunks(g, chunk))
     )
-    # from here on as _cell_mlp_folded_bwd, with xc.T @ dpre summed over the chunks
-    dw1a = xdpre - jnp.outer(m, dshift)
-    da = jnp.sum(dw1a * w1, axis=0)
-    dvar = da * scale * (-0.5) * rstd**3
-    dcov = (w1 * dvar) @ w1.T
-    dw1 = dw1a * a + 2.0 * (cov @ w1) * dvar
-    dx = dxf.reshape(-1, xc.shape[1])[:n] + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ wf.T) / n
-    return dx, dw1, jnp.zeros_like(a), da * rstd, dshift, dw2
+    return _folded_grads(xdpre, dshift, dxf.reshape(-1, xc.shape[1])[:n], dw2, res)
 
 
 cell_mlp_chunked.defvjp(_chunked_forward, _cell_mlp_chunked_bwd)

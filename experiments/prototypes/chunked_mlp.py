@@ -16,18 +16,10 @@ from __future__ import annotations
 import argparse
 import functools
 
-import jax
-import jax.numpy as jnp
-
-from experiments.prototypes.folded_norm import _inputs as mlp_inputs
+from experiments.prototypes.folded_norm import report, time_mlps
 from nca_jax import mlp
 from nca_jax.bench import timeit_interleaved, train_runner
 from nca_jax.config import ModelConfig
-
-
-def _report(med: dict[str, float], unit: float, name: str) -> str:
-    base = med["chunk 0"]
-    return ", ".join(f"{k} {v * unit:.3g} {name} ({base / v:.2f}x)" for k, v in med.items())
 
 
 def main() -> None:
@@ -38,28 +30,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
     chunks = [0, *a.chunks]
+    mlps = {f"chunk {k}": functools.partial(mlp.folded_mlp, chunk=k) for k in chunks}
     for n in a.rows:
-        args, g = mlp_inputs(n)
-        fns = {}
-        for k in chunks:
-            fn = functools.partial(mlp.folded_mlp, chunk=k)
-            f = jax.jit(jax.value_and_grad(lambda ar, gg, fn=fn: jnp.sum(fn(*ar, 1e-5) * gg)))
-            fns[f"chunk {k}"] = functools.partial(f, args, g)
-        ref = fns["chunk 0"]()
-        err = {
-            k: max(
-                float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(u)) + 1e-30))
-                for u, v in zip(jax.tree.leaves(ref), jax.tree.leaves(fn()), strict=True)
-            )
-            for k, fn in fns.items()
-        }
-        med = timeit_interleaved(fns, 2 * a.reps + 1)
-        print(f"MLP alone, {n} rows:", _report(med, 1e3, "ms"), f"max relative diff {err}")
+        med, err = time_mlps(mlps, n, a.reps)
+        print(f"MLP alone, {n} rows:", report(med, 1e3, "ms"), f"max relative diff {err}")
     for b in a.batch:
         fns = {f"chunk {k}": train_runner(ModelConfig(mlp_chunk=k), 256, b) for k in chunks}
         losses = {k: float(fn()) for k, fn in fns.items()}
         med = timeit_interleaved(fns, a.reps)
-        print(f"training step, batch {b}:", _report(med, 1, "s"), f"first losses {losses}")
+        print(f"training step, batch {b}:", report(med, 1, "s"), f"first losses {losses}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ Usage: python experiments/prototypes/folded_norm.py [--rows 16384 65536] [--reps
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,31 @@ def grad_fn(mlp):
         return jnp.sum(mlp(*args, 1e-5) * g)
 
     return jax.jit(jax.value_and_grad(loss))
+
+
+def time_mlps(mlps: dict[str, Any], n: int, reps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Each MLP's value and gradient (`grad_fn`) on the same n `_inputs` rows, timed
+    interleaved (bench.timeit_interleaved, 2 reps + 1 calls each): (median seconds per call,
+    max relative difference of its value and gradients from the first MLP's)."""
+    from nca_jax.bench import timeit_interleaved
+
+    args, g = _inputs(n)
+    fns = {k: functools.partial(grad_fn(fn), args, g) for k, fn in mlps.items()}
+    ref = next(iter(fns.values()))()
+    err = {
+        k: max(
+            float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(u)) + 1e-30))
+            for u, v in zip(jax.tree.leaves(ref), jax.tree.leaves(fn()), strict=True)
+        )
+        for k, fn in fns.items()
+    }
+    return timeit_interleaved(fns, 2 * reps + 1), err
+
+
+def report(med: dict[str, float], unit: float, name: str) -> str:
+    """'name time unit (speed-up against the first)' for each timed variant."""
+    base = next(iter(med.values()))
+    return ", ".join(f"{k} {v * unit:.3g} {name} ({base / v:.2f}x)" for k, v in med.items())
 
 
 def main() -> None:

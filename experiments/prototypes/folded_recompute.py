@@ -21,9 +21,8 @@ import argparse
 import functools
 
 import jax
-import jax.numpy as jnp
 
-from experiments.prototypes.folded_norm import _inputs as mlp_inputs
+from experiments.prototypes.folded_norm import report, time_mlps
 from nca_jax import mlp
 from nca_jax.bench import timeit_interleaved, train_runner
 from nca_jax.config import ModelConfig
@@ -71,11 +70,6 @@ mlp_recompute_barrier.defvjp(_fwd, _bwd_barrier)
 VARIANTS = {"keep r": None, "recompute": mlp_recompute, "barrier": mlp_recompute_barrier}
 
 
-def _report(med: dict[str, float], unit: float, name: str) -> str:
-    base = med["keep r"]
-    return ", ".join(f"{k} {v * unit:.3g} {name} ({base / v:.2f}x)" for k, v in med.items())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="*", default=[16384])
@@ -84,22 +78,8 @@ def main() -> None:
     a = ap.parse_args()
     library = mlp.cell_mlp_folded
     for n in a.rows:
-        args, g = mlp_inputs(n)
-        fns = {}
-        for name, fn in VARIANTS.items():
-            fn = fn or library
-            f = jax.jit(jax.value_and_grad(lambda ar, gg, fn=fn: jnp.sum(fn(*ar, 1e-5) * gg)))
-            fns[name] = functools.partial(f, args, g)
-        ref = fns["keep r"]()
-        err = {
-            k: max(
-                float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(u)) + 1e-30))
-                for u, v in zip(jax.tree.leaves(ref), jax.tree.leaves(fn()), strict=True)
-            )
-            for k, fn in fns.items()
-        }
-        med = timeit_interleaved(fns, 2 * a.reps + 1)
-        print(f"MLP alone, {n} rows:", _report(med, 1e3, "ms"), f"max relative diff {err}")
+        med, err = time_mlps({k: fn or library for k, fn in VARIANTS.items()}, n, a.reps)
+        print(f"MLP alone, {n} rows:", report(med, 1e3, "ms"), f"max relative diff {err}")
     for b in a.batch:
         fns, losses = {}, {}
         for name, fn in VARIANTS.items():
@@ -108,7 +88,7 @@ def main() -> None:
             losses[name] = float(fns[name]())  # traces and compiles with this variant
         mlp.cell_mlp_folded = library
         med = timeit_interleaved(fns, a.reps)
-        print(f"training step, batch {b}:", _report(med, 1, "s"), f"first losses {losses}")
+        print(f"training step, batch {b}:", report(med, 1, "s"), f"first losses {losses}")
 
 
 if __name__ == "__main__":
