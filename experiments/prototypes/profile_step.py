@@ -7,7 +7,8 @@ launch), how much of the wall time some op event covers, and the gaps between op
 grouped by the ops on either side. Nothing is written outside a temporary folder.
 
 Usage: python experiments/prototypes/profile_step.py [--batch 4] [--size 256] [--steps 50]
-                                                     [--warmup 3] [--top 20]
+                                                     [--warmup 3] [--top 20] [--predict]
+--predict profiles one prediction (1 x size x size, the bench's) instead of a training step.
 Run it with nothing else on the machine: the gaps are what another process's load inflates.
 """
 
@@ -33,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nca_jax.bench import predict_runner  # noqa: E402
 from nca_jax.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from nca_jax.training import init_state, make_train_step  # noqa: E402
 
@@ -132,6 +134,21 @@ def profile_train_step(batch: int, size: int, steps: int, warmup: int) -> list[d
             return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
+def profile_prediction(size: int, steps: int, warmup: int) -> list[dict]:
+    """Trace events of one prediction (1 x `size` px, `steps` per level), after `warmup`."""
+    run = predict_runner(ModelConfig(steps=steps), size)
+    for _ in range(warmup):
+        t = time.perf_counter()
+        jax.block_until_ready(run())
+        print(f"warm-up prediction {time.perf_counter() - t:.3f} s")
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            jax.block_until_ready(run())
+        (trace,) = Path(tmp).glob("plugins/profile/*/*.trace.json.gz")
+        with gzip.open(trace) as f:
+            return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
@@ -139,8 +156,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--predict", action="store_true", help="profile one prediction instead")
     a = ap.parse_args()
-    s = summarise(profile_train_step(a.batch, a.size, a.steps, a.warmup), a.top)
+    if a.predict:
+        events = profile_prediction(a.size, a.steps, a.warmup)
+    else:
+        events = profile_train_step(a.batch, a.size, a.steps, a.warmup)
+    s = summarise(events, a.top)
     print(
         f"profiled step {s['step_ms']:.1f} ms; op events cover {s['ops_cover_ms']:.1f} ms of it "
         f"({100 * s['ops_cover_ms'] / s['step_ms']:.0f}%); {s['op_events']} op events, "
