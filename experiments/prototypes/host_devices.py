@@ -40,6 +40,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from experiments.prototypes.folded_norm import report
     from nca_jax.bench import _bench_params, timeit_interleaved
     from nca_jax.config import ModelConfig, RunConfig, TrainConfig
     from nca_jax.model import predict_logits, sample_keys
@@ -74,12 +75,7 @@ def main() -> None:
         fns = {"1 device": train_fn(batch, devs[:1]), f"{len(devs)} devices": train_fn(batch, devs)}
         losses = {k: float(fn()) for k, fn in fns.items()}
         med = timeit_interleaved(fns, a.reps)
-        base = med["1 device"]
-        print(
-            f"training step, batch {batch}, {a.size} px: "
-            + ", ".join(f"{k} {v:.3f} s ({base / v:.2f}x)" for k, v in med.items())
-            + f"; first losses {losses}"
-        )
+        print(f"training step, batch {batch}, {a.size} px:", report(med, 1, "s"), losses)
 
     if a.skip_predict:
         return
@@ -103,12 +99,7 @@ def main() -> None:
     vals = {k: np.asarray(fn()) for k, fn in fns.items()}
     diff = float(np.abs(vals["1 device"] - vals[f"{len(devs)} devices"]).max())
     med = timeit_interleaved(fns, a.reps)
-    base = med["1 device"]
-    print(
-        f"{a.samples} predictions, 1 x {a.size}: "
-        + ", ".join(f"{k} {v:.3f} s ({base / v:.2f}x)" for k, v in med.items())
-        + f"; max difference {diff:.2e}"
-    )
+    print(f"{a.samples} predictions, 1 x {a.size}:", report(med, 1, "s"), f"max diff {diff:.2e}")
 
 
 if __name__ == "__main__":
