@@ -1,6 +1,7 @@
 """Table 1 of the paper on this project's data: Med-NCA beside the paper's UNet and a UNet of
 Med-NCA's size, each trained on one site with the same budget and tested on both sites, with
-the phone column measured (LiteRT file size and seconds per infer / train call).
+the phone column measured (LiteRT file size and seconds per infer / train call, and per infer
+call of the inference-only file a phone predicts with).
 
 Budget: every model trains on the same training images of its site for the same training time
 on this CPU. The time is turned into epochs once, by timing each model's training step in one
@@ -70,6 +71,9 @@ class Table1Protocol:
     eval_samples: int = 10  # predictions per test image (a UNet's one is deterministic)
     phone_size: int = 256  # the phone column: batch 1 at this size
     phone_reps: int = 3
+    # LiteRT threads for the inference-only (frozen) files: this CPU's 2 cores (LiteRT's
+    # default thread count predicted 1.6x slower here, results/README.md session 9)
+    phone_frozen_threads: int = 2
     vwsl: str = "results/vwsl.json"  # the med-nca+vwsl rows (vwsl-default, label-free)
     comment: str = ""
 
@@ -240,6 +244,32 @@ class Table:
             return res
 
         return unit(self.work / f"phone-{name}.json", do, self.compute)
+
+    def phone_frozen(self, name: str) -> dict[str, Any] | None:
+        """The file a phone predicts with: `export_tflite.py --frozen` (weights as constants,
+        which LiteRT's XNNPACK delegate takes, `infer` only), batch 1 at phone_size; its size
+        and seconds per infer call at phone_frozen_threads, beside JAX in the same process.
+        Untrained weights, as in `phone`."""
+        import jax
+
+        from nca_jax.bench import bench_tflite
+        from nca_jax.export import ExportSpec, export
+        from nca_jax.model import init_params
+
+        def do() -> dict[str, Any]:
+            cfg = base_config(self.p, name)
+            spec = ExportSpec(batch=1, size=self.p.phone_size, signatures=("infer",), frozen=True)
+            path = self.work / "phone" / f"{name}-frozen.tflite"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
+            params = init_params(cfg.model, key=jax.random.key(0))
+            info = export(cfg, params, spec, path, source=f"untrained {name}")
+            res: dict[str, Any] = {"export_s": time.perf_counter() - t, "ops": info["ops"]}
+            res.update(bench_tflite(str(path), self.p.phone_reps, self.p.phone_frozen_threads))
+            res["threads"] = self.p.phone_frozen_threads
+            return res
+
+        return unit(self.work / f"phone-frozen-{name}.json", do, self.compute)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -417,10 +447,11 @@ def versus_markdown(
     params: dict[str, int],
     phones: dict[str, dict[str, Any]],
     ref: str = REFERENCE_MODEL,
+    frozen: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """The `versus` rows as markdown, then each model's parameters (`params`: model -> count)
-    and phone file size and seconds (`phones`: model -> its phone JSON) as multiples of
-    ref's."""
+    and phone file size and seconds (`phones`: model -> its phone JSON; `frozen`: model -> its
+    inference-only file's JSON) as multiples of ref's."""
     vs = versus(rows, ref)
     if not vs:
         return []
@@ -453,15 +484,32 @@ def versus_markdown(
             f"Size and phone seconds as multiples of {ref}'s (above 1: {ref} is smaller or "
             "faster):",
             "",
-            "| model | params (x) | .tflite MB (x) | infer s (x) | train s (x) |",
-            "|---|---|---|---|---|",
+            "| model | params (x) | .tflite MB (x) | infer s (x) | train s (x) "
+            "| frozen file MB (x) | frozen infer s (x) |",
+            "|---|---|---|---|---|---|---|",
         ]
-        mine = {"params": params[ref], **phones[ref]}
+        fz = frozen or {}
+
+        def fields(m: str, ph: dict[str, Any]) -> dict[str, Any]:
+            out = {"params": params[m], **ph}
+            if m in fz:
+                out["frozen_bytes"] = fz[m]["tflite_bytes"]
+                out["frozen_infer_s"] = fz[m]["tflite_infer_s"]
+            return out
+
+        mine = fields(ref, phones[ref])
         for m, ph in phones.items():
             if m == ref:
                 continue
-            theirs = {"params": params[m], **ph}
-            keys = ("params", "tflite_bytes", "tflite_infer_s", "tflite_train_s")
+            theirs = fields(m, ph)
+            keys = (
+                "params",
+                "tflite_bytes",
+                "tflite_infer_s",
+                "tflite_train_s",
+                "frozen_bytes",
+                "frozen_infer_s",
+            )
             cells = [
                 f"{theirs[k] / mine[k]:.2f}" if mine.get(k) and k in theirs else "-" for k in keys
             ]
@@ -474,10 +522,12 @@ def markdown(
     p: Table1Protocol,
     calib: dict[str, Any],
     phones: dict[str, dict[str, Any]] | None = None,
+    frozen: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The paper's Table 1 layout: per training site, one line per model with the Dice on each
     test site (mean over seeds of the per-seed mean, +- the mean per-image std; the per-seed
-    means in brackets), parameters and the phone column."""
+    means in brackets), parameters and the phone column (`phones`: model -> its trainable
+    file's JSON; `frozen`: model -> its inference-only file's JSON)."""
     sites = list(p.sites)
     lines = [
         "# Table 1 on this project's data",
@@ -541,11 +591,15 @@ def markdown(
         lines += [
             "",
             f"The phone column alone (LiteRT on this CPU, batch 1, {p.phone_size} px, its default "
-            "thread count; JAX doing the same work in the same process):",
+            "thread count; JAX doing the same work in the same process). The last two columns are "
+            "the inference-only file a phone predicts with (`export_tflite.py --frozen`: weights "
+            "as constants, which LiteRT's XNNPACK delegate takes; LiteRT threads as given):",
             "",
-            "| model | params | .tflite MB | infer s (JAX) | train s (JAX) | VWSL step s (JAX) |",
-            "|---|---|---|---|---|---|",
+            "| model | params | .tflite MB | infer s (JAX) | train s (JAX) | VWSL step s (JAX) "
+            "| frozen file MB | frozen infer s (JAX) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
+        fz = frozen or {}
         for name, ph in phones.items():
 
             def both(sig: str, ph: dict[str, Any] = ph) -> str:
@@ -553,13 +607,20 @@ def markdown(
                     return "-"
                 return f"{ph[f'tflite_{sig}_s']:.2f} ({ph[f'jax_{sig}_s']:.2f})"
 
+            frozen_cells = "- | -"
+            if name in fz:
+                f = fz[name]
+                frozen_cells = (
+                    f"{f['tflite_bytes'] / 1e6:.2f} | {f['tflite_infer_s']:.2f} "
+                    f"({f['jax_infer_s']:.2f}), {f['threads']} threads"
+                )
             lines.append(
                 f"| {name} | {calib['models'][name]['params']:,} | "
                 f"{ph['tflite_bytes'] / 1e6:.2f} | {both('infer')} | {both('train')} | "
-                f"{both('finetune')} |"
+                f"{both('finetune')} | {frozen_cells} |"
             )
     lines += versus_markdown(
-        rows, {n: c["params"] for n, c in calib["models"].items()}, phones or {}
+        rows, {n: c["params"] for n, c in calib["models"].items()}, phones or {}, frozen=frozen
     )
     lines += [
         "",
@@ -621,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in sub.models:
             if a.phone:  # a separate step: time the phone files on a quiet machine
                 t.phone(name)
+                t.phone_frozen(name)
                 continue
             for site in sub.sites:
                 for seed in sub.seeds:
@@ -634,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt.write_json(res / "table1.json", rows)
     ckpt.write_json(res / "table1_versus.json", versus(rows))
     phones = {n: ph for n in p.models if (ph := full.phone(n)) is not None}
-    atomic_write_text(res / "table1.md", markdown(rows, p, calib, phones))
+    frozen = {n: ph for n in p.models if (ph := full.phone_frozen(n)) is not None}
+    atomic_write_text(res / "table1.md", markdown(rows, p, calib, phones, frozen))
     print((res / "table1.md").read_text())
     return 0
 

@@ -648,6 +648,12 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
     assert r.returncode == 0, r.stderr[-3000:]
     early = json.loads((tmp_path / "results" / "table1.json").read_text())
     assert [x["model"] for x in early] == ["med-nca+vwsl"]  # --phone trained nothing
+    for m in ("med-nca", "unet-small"):  # the inference-only file a phone predicts with
+        fz = json.loads((tmp_path / "work" / f"phone-frozen-{m}.json").read_text())
+        assert fz["threads"] == 2 and fz["tflite_infer_s"] > 0 and fz["jax_infer_s"] > 0
+        assert "tflite_train_s" not in fz and fz["batch"] == 1 and fz["size"] == 32
+        trainable = json.loads((tmp_path / "work" / f"phone-{m}.json").read_text())
+        assert fz["tflite_bytes"] < trainable["tflite_bytes"]  # no optimizer, no train graph
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "results" / "table1.json").read_text())
@@ -676,6 +682,8 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
     versus_rows = json.loads((tmp_path / "results" / "table1_versus.json").read_text())
     assert len(versus_rows) == 4  # med-nca against unet-small, train x test site
     assert "## med-nca against each UNet" in md and "| unet-small | 0.56 |" in md
+    assert "frozen infer s (JAX)" in md and "frozen infer s (x)" in md
+    assert ", 2 threads |" in md  # each model's frozen file in the phone table
     # resumable: a second invocation computes nothing and gives the same rows
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
