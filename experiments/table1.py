@@ -216,57 +216,52 @@ class Table:
 
         return unit(self.work / "evals" / f"{tag}-on-{test}.json", do, self.compute)
 
-    def phone(self, name: str) -> dict[str, Any] | None:
-        """LiteRT on this CPU, batch 1 at phone_size: file size and seconds per infer / train
-        (and finetune, for Med-NCA) call, beside JAX doing the same work in the same process.
-        The file holds untrained weights: the timings do not depend on their values."""
+    def _phone_file(
+        self, name: str, file: str, spec_kw: dict[str, Any], threads: int | None
+    ) -> dict[str, Any]:
+        """Exports model `name` (untrained weights: the timings do not depend on their values)
+        at batch 1 and phone_size to phone/FILE, and times it with bench_tflite (LiteRT at
+        `threads`, None: its default) beside JAX in the same process."""
         import jax
 
         from nca_jax.bench import bench_tflite
         from nca_jax.export import ExportSpec, export
         from nca_jax.model import init_params
 
+        cfg = base_config(self.p, name)
+        spec = ExportSpec(batch=1, size=self.p.phone_size, **spec_kw)
+        path = self.work / "phone" / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        params = init_params(cfg.model, key=jax.random.key(0))
+        info = export(cfg, params, spec, path, source=f"untrained {name}")
+        res: dict[str, Any] = {"export_s": time.perf_counter() - t, "ops": info["ops"]}
+        res.update(bench_tflite(str(path), self.p.phone_reps, threads))
+        return res
+
+    def phone(self, name: str) -> dict[str, Any] | None:
+        """LiteRT on this CPU, batch 1 at phone_size: file size and seconds per infer / train
+        (and finetune, for Med-NCA) call, beside JAX doing the same work in the same process."""
+
         def do() -> dict[str, Any]:
-            cfg = base_config(self.p, name)
-            spec = ExportSpec(
-                batch=1,
-                size=self.p.phone_size,
-                train_lr=cfg.train.lr,
-                signatures=("infer", "train", "finetune"),
-            )
-            path = self.work / "phone" / f"{name}.tflite"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            t = time.perf_counter()
-            params = init_params(cfg.model, key=jax.random.key(0))
-            info = export(cfg, params, spec, path, source=f"untrained {name}")
-            res: dict[str, Any] = {"export_s": time.perf_counter() - t, "ops": info["ops"]}
-            res.update(bench_tflite(str(path), self.p.phone_reps))
-            return res
+            spec_kw = {
+                "train_lr": base_config(self.p, name).train.lr,
+                "signatures": ("infer", "train", "finetune"),
+            }
+            return self._phone_file(name, f"{name}.tflite", spec_kw, None)
 
         return unit(self.work / f"phone-{name}.json", do, self.compute)
 
     def phone_frozen(self, name: str) -> dict[str, Any] | None:
         """The file a phone predicts with: `export_tflite.py --frozen` (weights as constants,
         which LiteRT's XNNPACK delegate takes, `infer` only), batch 1 at phone_size; its size
-        and seconds per infer call at phone_frozen_threads, beside JAX in the same process.
-        Untrained weights, as in `phone`."""
-        import jax
-
-        from nca_jax.bench import bench_tflite
-        from nca_jax.export import ExportSpec, export
-        from nca_jax.model import init_params
+        and seconds per infer call at phone_frozen_threads, beside JAX in the same process."""
 
         def do() -> dict[str, Any]:
-            cfg = base_config(self.p, name)
-            spec = ExportSpec(batch=1, size=self.p.phone_size, signatures=("infer",), frozen=True)
-            path = self.work / "phone" / f"{name}-frozen.tflite"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            t = time.perf_counter()
-            params = init_params(cfg.model, key=jax.random.key(0))
-            info = export(cfg, params, spec, path, source=f"untrained {name}")
-            res: dict[str, Any] = {"export_s": time.perf_counter() - t, "ops": info["ops"]}
-            res.update(bench_tflite(str(path), self.p.phone_reps, self.p.phone_frozen_threads))
-            res["threads"] = self.p.phone_frozen_threads
+            threads = self.p.phone_frozen_threads
+            spec_kw = {"signatures": ("infer",), "frozen": True}
+            res = self._phone_file(name, f"{name}-frozen.tflite", spec_kw, threads)
+            res["threads"] = threads
             return res
 
         return unit(self.work / f"phone-frozen-{name}.json", do, self.compute)
