@@ -67,6 +67,20 @@ def timeit(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
     return first, statistics.median(ts)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ('' where there is none): the machine kind
+    changes between sessions, and the figures mean little without it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    def field(name: str) -> str:
+        return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(name)), "")
+
+    name, family, model = field("model name"), field("cpu family"), field("model\t")
+    return f"{name} (family {family}, model {model})" if name and family else name
+
+
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
@@ -395,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
+            "cpu_model": cpu_model(),
             "cpus": os.cpu_count(),
             "jax": jax.__version__,
             "devices": [str(d) for d in jax.devices()],
