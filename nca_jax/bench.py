@@ -74,6 +74,7 @@ def cpu_model() -> str:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return ""
+
     def field(name: str) -> str:
         return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(name)), "")
 
