@@ -62,17 +62,23 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def cpu_step_table(paths: list[str]) -> dict[tuple[int, int], float]:
-    """(batch, NCA steps per level) -> CPU seconds per training step, from bench.py JSONs."""
-    table: dict[tuple[int, int], float] = {}
+StepKey = tuple[int, int, bool]  # (batch, NCA steps per level, level 1's loss on)
+
+
+def cpu_step_table(paths: list[str]) -> dict[StepKey, float]:
+    """(batch, NCA steps per level, level-1 loss on) -> CPU seconds per training step, from
+    bench.py JSONs (`--level1-loss W` times the step with level 1's loss; older JSONs without
+    the field timed it without)."""
+    table: dict[StepKey, float] = {}
     for p in paths:
         d = json.loads(Path(p).read_text())
+        deep = float(d.get("level1_loss_weight", 0.0)) > 0
         for b, r in d["per_batch"].items():
-            table[(int(b), int(d["steps"]))] = float(r["train_step_s"])
+            table[(int(b), int(d["steps"]), deep)] = float(r["train_step_s"])
     return table
 
 
-def curve(cfg: RunConfig, rows: list[dict[str, Any]], cpu: dict[tuple[int, int], float]):
+def curve(cfg: RunConfig, rows: list[dict[str, Any]], cpu: dict[StepKey, float]):
     """Per validated epoch: step, val Dice, measured train seconds (cumulative, this device), the
     measured wall seconds with the validation passes, and the projected CPU train seconds (None
     where the bench lacks the batch / step count)."""
@@ -84,7 +90,7 @@ def curve(cfg: RunConfig, rows: list[dict[str, Any]], cpu: dict[tuple[int, int],
         steps_here = r["step"] - prev_step
         prev_step = r["step"]
         nca = tc.curriculum_steps if r["epoch"] < tc.curriculum_epochs else cfg.model.steps
-        per = cpu.get((tc.batch_size, nca))
+        per = cpu.get((tc.batch_size, nca, tc.level1_loss_weight > 0))
         missing |= per is None
         t_dev += r["epoch_s"]
         t_eval += r.get("eval_s", 0.0)

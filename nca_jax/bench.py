@@ -90,10 +90,14 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / t / 1e9
 
 
-def train_runner(mc: ModelConfig, size: int, batch: int) -> Callable[[], jax.Array]:
+def train_runner(
+    mc: ModelConfig, size: int, batch: int, level1_loss_weight: float = 0.0
+) -> Callable[[], jax.Array]:
     """One training step per call (batch x size x size random images and masks, the state
-    carried from call to call): a function of no arguments returning the step's loss."""
-    cfg = RunConfig(model=mc, train=TrainConfig(batch_size=batch, image_size=size)).validate()
+    carried from call to call): a function of no arguments returning the step's loss. With
+    level1_loss_weight > 0 the step adds level 1's whole-image loss (train.level1_loss_weight)."""
+    tc = TrainConfig(batch_size=batch, image_size=size, level1_loss_weight=level1_loss_weight)
+    cfg = RunConfig(model=mc, train=tc).validate()
     step = make_train_step(cfg)
     rng = np.random.default_rng(0)
     batch_d = {
@@ -110,8 +114,10 @@ def train_runner(mc: ModelConfig, size: int, batch: int) -> Callable[[], jax.Arr
     return run
 
 
-def bench_train(mc: ModelConfig, size: int, batch: int, reps: int) -> dict[str, float]:
-    first, t = timeit(train_runner(mc, size, batch), reps)
+def bench_train(
+    mc: ModelConfig, size: int, batch: int, reps: int, level1_loss_weight: float = 0.0
+) -> dict[str, float]:
+    first, t = timeit(train_runner(mc, size, batch, level1_loss_weight), reps)
     cells = batch * 2 * mc.patch**2 * mc.steps
     return {
         "train_step_s": t,
@@ -403,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tflite-only", action="store_true", help="time only the --tflite file (and its JAX twin)"
     )
+    p.add_argument(
+        "--level1-loss",
+        type=float,
+        default=0.0,
+        help="time the training step with level 1's whole-image loss at this weight "
+        "(train.level1_loss_weight; experiments/time_to_dice.py projects such variants with it)",
+    )
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
     mc = ModelConfig(steps=a.steps, patch=a.size // 4)
@@ -417,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "size": a.size,
         "steps": a.steps,
+        "level1_loss_weight": a.level1_loss,
         "batches": a.batch,
         "flop_per_cell_step": flop_per_cell_step(mc),
     }
@@ -431,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"float32 matmul: {res['matmul_gflops']:.1f} GFLOP/s", flush=True)
     per_batch = {}
     for b in [] if a.tflite_only else a.batch:
-        r = bench_train(mc, a.size, b, a.reps)
+        r = bench_train(mc, a.size, b, a.reps, a.level1_loss)
         r["train_fraction_of_matmul"] = r["train_gflops"] / res["matmul_gflops"]
         for flag in COMPARISONS:
             if getattr(a, flag):

@@ -73,3 +73,16 @@ def test_timeit_interleaved_alternates_the_calls():
 def test_bench_refuses_jax_comparisons_with_tflite_only(tmp_path):
     with pytest.raises(bench.ConfigError, match="not with --tflite-only"):
         bench.main(["--tflite-only", "--tflite", "x.tflite", "--compare-perceive", "--json", "o"])
+
+
+def test_level1_loss_bench_times_the_deep_step_and_says_so(tmp_path):
+    """--level1-loss W times the step with level 1's whole-image loss (a larger loss than the
+    plain step's on the same batch and weights) and records W, which time_to_dice keys on."""
+    mc = ModelConfig(steps=2, patch=8)
+    plain, deep = bench.train_runner(mc, 32, 2), bench.train_runner(mc, 32, 2, 1.0)
+    assert float(deep()) > float(plain()) > 0
+    out = tmp_path / "b.json"
+    args = ["--size", "32", "--steps", "2", "--batch", "2", "--reps", "1", "--skip-predict"]
+    assert bench.main([*args, "--level1-loss", "1", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["level1_loss_weight"] == 1.0 and d["per_batch"]["2"]["train_step_s"] > 0

@@ -204,8 +204,9 @@ def test_capture_experiment_runs_and_resumes_on_phantoms(tmp_path, tiny_cfg):
 
 @pytest.mark.slow
 def test_time_to_dice_curves_and_cpu_projection(tmp_path):
-    """Two tiny variants (one with a curriculum) on a phantom 'shenzhen'; the CPU projection is
-    steps x the bench's seconds per step of each epoch's (batch, NCA steps)."""
+    """Three tiny variants (one with a curriculum, one with level 1's loss) on a phantom
+    'shenzhen'; the CPU projection is steps x the bench's seconds per step of each epoch's
+    (batch, NCA steps, level-1 loss on), never a bench of another kind of step."""
     from experiments import time_to_dice
 
     data, splits = tmp_path / "data", tmp_path / "splits"
@@ -224,15 +225,17 @@ def test_time_to_dice_curves_and_cpu_projection(tmp_path):
                 "model": tiny,
                 "train": {**train, "curriculum_epochs": 1, "curriculum_steps": 2},
             },
+            "deep": {"model": tiny, "train": {**train, "level1_loss_weight": 1.0}},
         },
     }
     (tmp_path / "p.json").write_text(json.dumps(proto))
     bench = []
-    for steps, per in ((4, 2.0), (2, 1.0)):
-        bench.append(tmp_path / f"b{steps}.json")
-        bench[-1].write_text(
-            json.dumps({"steps": steps, "per_batch": {"2": {"train_step_s": per}}})
-        )
+    for steps, per, deep in ((4, 2.0, None), (2, 1.0, 0.0), (4, 3.0, 1.0)):
+        bench.append(tmp_path / f"b{steps}-{deep}.json")
+        d = {"steps": steps, "per_batch": {"2": {"train_step_s": per}}}
+        if deep is not None:  # JSONs before session 24 have no level1_loss_weight
+            d["level1_loss_weight"] = deep
+        bench[-1].write_text(json.dumps(d))
     args = _command("time_to_dice.py", tmp_path, data, splits)[2:]
     assert time_to_dice.main([*args, "--cpu-bench", *map(str, bench)]) == 0
     rows = {
@@ -242,11 +245,20 @@ def test_time_to_dice_curves_and_cpu_projection(tmp_path):
     assert [q["step"] for q in rows["plain"]["curve"]] == [2, 4, 6]
     assert [q["cpu_train_s"] for q in rows["plain"]["curve"]] == [4.0, 8.0, 12.0]
     assert [q["cpu_train_s"] for q in rows["curr"]["curve"]] == [2.0, 6.0, 10.0]
+    assert [q["cpu_train_s"] for q in rows["deep"]["curve"]] == [6.0, 12.0, 18.0]
     for q in rows["plain"]["curve"]:  # validated every epoch: wall = train + validation
         assert q["wall_s"] > q["train_s"] > 0
     assert rows["plain"]["reach_0"]["step"] == 2 and rows["plain"]["reach_1.01"] is None
     assert "not reached" in (tmp_path / "results" / "time_to_dice.md").read_text()
     assert (tmp_path / "results" / "figures" / "time_to_dice.png").stat().st_size > 0
+    # without the level-1 bench the deep variant gets no projection, not the plain step's
+    assert time_to_dice.main([*args, "--publish-only", "--cpu-bench", *map(str, bench[:2])]) == 0
+    rows = {
+        r["variant"]: r
+        for r in json.loads((tmp_path / "results" / "time_to_dice.json").read_text())
+    }
+    assert rows["deep"]["curve"][0]["cpu_train_s"] is None
+    assert rows["plain"]["curve"][0]["cpu_train_s"] == 4.0
     # finished runs are not trained again; a missing bench entry gives no projection
     assert time_to_dice.main([*args, "--publish-only"]) == 0
     rows = json.loads((tmp_path / "results" / "time_to_dice.json").read_text())
