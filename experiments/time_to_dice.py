@@ -78,6 +78,12 @@ def cpu_step_table(paths: list[str]) -> dict[StepKey, float]:
     return table
 
 
+def bench_cpus(paths: list[str]) -> list[str]:
+    """The CPU models the bench JSONs name (machine.cpu_model, since session 24; '' before)."""
+    names = {json.loads(Path(p).read_text()).get("machine", {}).get("cpu_model", "") for p in paths}
+    return sorted(n or "a CPU the JSON does not name" for n in names)
+
+
 def curve(cfg: RunConfig, rows: list[dict[str, Any]], cpu: dict[StepKey, float]):
     """Per validated epoch: step, val Dice, measured train seconds (cumulative, this device), the
     measured wall seconds with the validation passes, and the projected CPU train seconds (None
@@ -189,6 +195,8 @@ def publish(
             "warmup_steps": tc.warmup_steps,
             "decay_steps": tc.decay_steps,
             "curriculum": [tc.curriculum_epochs, tc.curriculum_steps],
+            "level1_loss_weight": tc.level1_loss_weight,
+            "seed": tc.seed,
             "best_val_dice": max(q["val_dice"] for q in points),
             "steps_run": points[-1]["step"],
             "curve": points,
@@ -200,7 +208,9 @@ def publish(
     res = Path(a.results)
     res.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(res / "time_to_dice.json", rows)
-    atomic_write_text(res / "time_to_dice.md", markdown(rows, targets, proto))
+    atomic_write_text(
+        res / "time_to_dice.md", markdown(rows, targets, proto, bench_cpus(a.cpu_bench))
+    )
     if rows:
         figure(rows, res / "figures" / "time_to_dice.png", targets)
     print((res / "time_to_dice.md").read_text())
@@ -217,7 +227,10 @@ def _fmt_reach(hit: dict[str, Any] | None) -> str:
 
 
 def markdown(
-    rows: list[dict[str, Any]], targets: Sequence[float], proto: TimeToDiceProtocol
+    rows: list[dict[str, Any]],
+    targets: Sequence[float],
+    proto: TimeToDiceProtocol,
+    cpus: Sequence[str] = (),
 ) -> str:
     head = " | ".join(f"first val Dice >= {t:g}" for t in targets)
     lines = [
@@ -225,6 +238,7 @@ def markdown(
         "training time on the benchmarked CPU where bench JSONs were given, the measured training "
         "time on the device that ran it, and the measured wall time with the validation passes",
         "",
+        *([f"Projected for: {', '.join(cpus)} (the bench JSONs' CPU).", ""] if cpus else []),
         f"| variant | batch | lr schedule | best val Dice (steps run) | {head} |",
         "|---|---|---|---|" + "---|" * len(targets),
     ]
@@ -236,6 +250,8 @@ def markdown(
             sched += f", decay over {r['decay_steps']}"
         if r["curriculum"][0]:
             sched += f"; {r['curriculum'][1]} NCA steps for {r['curriculum'][0]} epochs"
+        if r.get("level1_loss_weight"):
+            sched += f"; level 1's loss x {r['level1_loss_weight']:g}"
         reach = " | ".join(_fmt_reach(r[f"reach_{t:g}"]) for t in targets)
         lines.append(
             f"| {r['variant']} | {r['batch_size']} | {sched} | {r['best_val_dice']:.3f} "

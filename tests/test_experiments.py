@@ -249,7 +249,9 @@ def test_time_to_dice_curves_and_cpu_projection(tmp_path):
     for q in rows["plain"]["curve"]:  # validated every epoch: wall = train + validation
         assert q["wall_s"] > q["train_s"] > 0
     assert rows["plain"]["reach_0"]["step"] == 2 and rows["plain"]["reach_1.01"] is None
-    assert "not reached" in (tmp_path / "results" / "time_to_dice.md").read_text()
+    md = (tmp_path / "results" / "time_to_dice.md").read_text()
+    assert "not reached" in md and "level 1's loss x 1" in md
+    assert "Projected for: a CPU the JSON does not name" in md
     assert (tmp_path / "results" / "figures" / "time_to_dice.png").stat().st_size > 0
     # without the level-1 bench the deep variant gets no projection, not the plain step's
     assert time_to_dice.main([*args, "--publish-only", "--cpu-bench", *map(str, bench[:2])]) == 0
