@@ -265,32 +265,32 @@ def _assert_same_step(fns, got_params, want_params, lr):
         assert np.all(diff <= 2.2 * lr), k
 
 
-def test_exported_train_step_is_the_training_path(exported):
-    """Functions.train (what the file runs) against make_train_step (what train.py runs), with
-    the randomness the key path draws: one source of truth for the supervised step."""
+def _train_both_ways(fns, cfg, data, step_key):
+    """One supervised step from fns.params0 on data's first two images, through Functions.train
+    (what the file runs) and through make_train_step(cfg) (what train.py runs), with the
+    randomness the key path draws. Returns (the file's params, its loss, train.py's params,
+    its loss, the file's batch inputs)."""
     from nca_jax.model import draw_randomness
     from nca_jax.training import TrainState
 
-    fns, cfg, d = exported["fns"], exported["cfg"], exported["data"]
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=SPEC.train_lr))
-    images, masks = d.images[:2], d.masks[:2]
-    step_key = jax.random.key(11)
+    images, masks = data.images[:2], data.masks[:2]
     r = draw_randomness(jax.random.fold_in(step_key, 0), cfg.model, 2, 32, train=True)
-    p, _, _, loss = fns.train(
-        fns.params0,
-        fns.train_opt0,
-        jnp.int32(0),
-        _nhwc(images),
-        _nhwc(masks),
-        r.masks1,
-        r.masks2,
-        r.patch_yx,
-    )
+    args = (_nhwc(images), _nhwc(masks), r.masks1, r.masks2, r.patch_yx)
+    p, _, _, loss = fns.train(fns.params0, fns.train_opt0, jnp.int32(0), *args)
     params = fns.tree(fns.params0)
     state = TrainState(params, fns.train_opt.init(params), jnp.zeros((), jnp.int32))
     new, info = make_train_step(cfg)(state, {"images": images, "masks": masks}, step_key)
-    assert float(loss) == pytest.approx(float(info["loss"]), rel=1e-5)
-    _assert_same_step(fns, p, new.params, SPEC.train_lr)
+    return p, float(loss), new.params, float(info["loss"]), args
+
+
+def test_exported_train_step_is_the_training_path(exported):
+    """Functions.train (what the file runs) against make_train_step (what train.py runs), with
+    the randomness the key path draws: one source of truth for the supervised step."""
+    fns, cfg = exported["fns"], exported["cfg"]
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=SPEC.train_lr))
+    p, loss, want, want_loss, _ = _train_both_ways(fns, cfg, exported["data"], jax.random.key(11))
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    _assert_same_step(fns, p, want, SPEC.train_lr)
 
 
 def test_exported_finetune_step_is_the_vwsl_path(exported):
@@ -480,22 +480,14 @@ def test_the_export_runs_the_mlp_on_all_cells_at_once_whatever_the_config_says()
 def test_exported_train_step_adds_level_1_loss_when_the_config_does(exported):
     """A config with train.level1_loss_weight (the fastest CPU recipe, session 24) exports a
     `train` whose step is train.py's step with that loss, not the plain one."""
-    from nca_jax.model import draw_randomness
-    from nca_jax.training import TrainState
-
-    base, d = exported["cfg"], exported["data"]
+    base = exported["cfg"]
     tc = dataclasses.replace(base.train, lr=SPEC.train_lr, level1_loss_weight=1.0)
     cfg = dataclasses.replace(base, train=tc).validate()
     fns = ex.Functions(cfg, SPEC, exported["params"])
-    images, masks = d.images[:2], d.masks[:2]
-    step_key = jax.random.key(12)
-    r = draw_randomness(jax.random.fold_in(step_key, 0), cfg.model, 2, 32, train=True)
-    args = (_nhwc(images), _nhwc(masks), r.masks1, r.masks2, r.patch_yx)
-    p, _, _, loss = fns.train(fns.params0, fns.train_opt0, jnp.int32(0), *args)
+    p, loss, want, want_loss, args = _train_both_ways(
+        fns, cfg, exported["data"], jax.random.key(12)
+    )
     plain = exported["fns"].train(fns.params0, fns.train_opt0, jnp.int32(0), *args)[3]
-    params = fns.tree(fns.params0)
-    state = TrainState(params, fns.train_opt.init(params), jnp.zeros((), jnp.int32))
-    new, info = make_train_step(cfg)(state, {"images": images, "masks": masks}, step_key)
-    assert float(loss) == pytest.approx(float(info["loss"]), rel=1e-5)
-    assert float(loss) > float(plain) + 1e-3  # level 1's loss is in it
-    _assert_same_step(fns, p, new.params, SPEC.train_lr)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert loss > float(plain) + 1e-3  # level 1's loss is in it
+    _assert_same_step(fns, p, want, SPEC.train_lr)
