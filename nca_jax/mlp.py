@@ -15,6 +15,36 @@ import functools
 import jax
 import jax.numpy as jnp
 
+
+def transposed(w: jax.Array) -> jax.Array:
+    """w (K, M) -> w.T (M, K), kept as a tensor of its own for the TFLite export.
+
+    Left alone, the converter folds `x @ w.T` into a FULLY_CONNECTED op, which LiteRT's XNNPACK
+    delegate does not take when w is computed in the graph (a weight or a gradient, not a
+    constant): it then runs on LiteRT's single-threaded kernel, 3x slower than the delegated
+    BATCH_MATMUL that `x @ transposed(w)` becomes (a 4096 x 16 @ 16 x 128 probe, 2 threads).
+    The barrier costs XLA one copy of a weight-sized array."""
+    return jax.lax.optimization_barrier(w.T)
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (N, K) @ w (K, M) -> (N, M), whose backward multiplies by `transposed(w)` (see there)."""
+    return x @ w
+
+
+def _matmul_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    return g @ transposed(w), x.T @ g
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 # The per-cell MLP with batch-stats norm, with a hand-written backward pass. XLA CPU's own
 # gradient of these few ops is memory-bound (about 10x the forward time); this one keeps only
 # the inputs and the normalised features for the backward, recomputes the ReLU, and folds the
@@ -58,12 +88,12 @@ def _cell_mlp_bwd(eps, res, g):
     x, w1, scale, shift, w2, xhat, rstd = res
     n = x.shape[0]
     pre = xhat * scale + shift
-    dn = jnp.where(pre > 0, g @ w2.T, 0.0)
+    dn = jnp.where(pre > 0, g @ transposed(w2), 0.0)
     dw2 = jnp.maximum(pre, 0.0).T @ g
     dscale = jnp.sum(dn * xhat, axis=0)
     dshift = jnp.sum(dn, axis=0)
     dh = (rstd * scale) * (dn - dshift / n - xhat * (dscale / n))
-    return dh @ w1.T, x.T @ dh, jnp.sum(dh, axis=0), dscale, dshift, dw2
+    return dh @ transposed(w1), x.T @ dh, jnp.sum(dh, axis=0), dscale, dshift, dw2
 
 
 cell_mlp.defvjp(_mlp_forward, _cell_mlp_bwd)  # the forward already returns the residuals
@@ -140,18 +170,21 @@ def _folded_grads(
     dw1a = xdpre - jnp.outer(m, dshift)  # the gradient of the folded weights w1 * a
     da = jnp.sum(dw1a * w1, axis=0)
     dvar = da * scale * (-0.5) * rstd**3
-    dcov = (w1 * dvar) @ w1.T
+    dcov = (w1 * dvar) @ transposed(w1)
     dw1 = dw1a * a + 2.0 * (cov @ w1) * dvar
     # through the centring: the row mean of the rows' gradient comes off (the cov term's is 0)
-    dx = dx_rows + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ (w1 * a).T) / n
+    dx = dx_rows + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ transposed(w1 * a)) / n
     return dx, dw1, jnp.zeros_like(a), da * rstd, dshift, dw2
 
 
 def _cell_mlp_folded_bwd(eps, res, g):
     del eps
     xc, _, w1, _, w2, _, _, a, r = res
-    dpre = jnp.where(r > 0, g @ w2.T, 0.0)
-    return _folded_grads(xc.T @ dpre, jnp.sum(dpre, axis=0), dpre @ (w1 * a).T, r.T @ g, res)
+    # r > 0 as ceil(min(r, 1)) (exact for r = relu(pre) >= 0): ops that LiteRT's XNNPACK
+    # delegate runs, where the comparison and select of jnp.where ran on LiteRT's own kernels
+    dpre = (g @ transposed(w2)) * jnp.ceil(jnp.minimum(r, 1.0))
+    dx_rows = dpre @ transposed(w1 * a)
+    return _folded_grads(xc.T @ dpre, jnp.sum(dpre, axis=0), dx_rows, r.T @ g, res)
 
 
 cell_mlp_folded.defvjp(_folded_forward, _cell_mlp_folded_bwd)

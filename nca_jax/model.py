@@ -87,16 +87,21 @@ def perceive_im2col(perceive_params: Params, state: jax.Array) -> jax.Array:
 
     The nine shifted windows of the reflect-padded state side by side, (B*H*W, 9C), times both
     3x3 kernels side by side, (9C, 2C). Same parameters and values as `Perceive` (to float
-    rounding)."""
+    rounding). The TFLite export's trainable files use it (LiteRT's delegate takes no
+    convolution with computed weights); `mlp.matmul` keeps its backward delegated too."""
     b, h, w, c = state.shape
     pp = perceive_params
     k = jnp.concatenate([pp["conv0"]["kernel"], pp["conv1"]["kernel"]], -1).reshape(9 * c, 2 * c)
     bias = jnp.concatenate([pp["conv0"]["bias"], pp["conv1"]["bias"]])
     padded = jnp.pad(state, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-    cols = jnp.concatenate(
-        [padded[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1
-    )
-    p = (cols.reshape(b * h * w, 9 * c) @ k + bias).reshape(b, h, w, 2 * c)
+    # three concatenations of three windows, then one of the three: LiteRT's XNNPACK delegate
+    # takes a concatenation of at most five tensors; one of nine ran on LiteRT's own kernel
+    rows = [
+        jnp.concatenate([padded[:, i : i + h, j : j + w, :] for j in range(3)], axis=-1)
+        for i in range(3)
+    ]
+    cols = jnp.concatenate([jax.lax.optimization_barrier(r) for r in rows], axis=-1)
+    p = (mlp.matmul(cols.reshape(b * h * w, 9 * c), k) + bias).reshape(b, h, w, 2 * c)
     return jnp.concatenate([state, p], axis=-1)
 
 

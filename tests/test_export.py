@@ -47,6 +47,10 @@ def test_file_has_the_signatures_and_no_flex_ops(exported):
     # perception as one matmul: LiteRT's XNNPACK delegate would leave a CONV_2D (or the
     # DEPTHWISE_CONV_2D of its kernel gradient) with variable weights to a slower kernel
     assert not {"CONV_2D", "DEPTHWISE_CONV_2D"} & set(ops)
+    # the backward's matmuls by transposed weights stay BATCH_MATMULs (mlp.transposed): the
+    # converter would fold them into FULLY_CONNECTED ops with computed weights, which the
+    # delegate leaves to LiteRT's single-threaded kernel
+    assert "FULLY_CONNECTED" not in ops
     side = json.loads(ex.sidecar(exported["path"]).read_text())
     assert side["spec"]["size"] == 32 and side["bytes"] == exported["path"].stat().st_size
     assert side["perceive"] == "im2col"  # what "auto" chose for a trainable file

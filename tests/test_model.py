@@ -369,3 +369,17 @@ def test_scan_unrolled_and_python_loop_rollouts_agree():
         ):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert float(jnp.abs(ref).max()) > 0  # the steps did something
+
+
+def test_matmul_with_the_kept_transpose_has_the_plain_matmuls_value_and_gradient():
+    """mlp.matmul (the im2col perception's product, its backward through mlp.transposed) is
+    x @ w in value and in both gradients."""
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x, w = jax.random.normal(kx, (37, 9)), jax.random.normal(kw, (9, 5))
+    cot = jax.random.normal(kg, (37, 5))
+    got, pull = jax.vjp(mlp.matmul, x, w)
+    want, pull_ref = jax.vjp(lambda a, b: a @ b, x, w)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for g, r in zip(pull(cot), pull_ref(cot), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(mlp.transposed(w), w.T)
