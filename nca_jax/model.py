@@ -85,23 +85,23 @@ def update_rule(cfg: ModelConfig) -> UpdateRule:
 def perceive_im2col(perceive_params: Params, state: jax.Array) -> jax.Array:
     """Perceive's function as one matmul: state (B, H, W, C) -> features (B, H, W, 3C).
 
-    The nine shifted windows of the reflect-padded state side by side, (B*H*W, 9C), times both
-    3x3 kernels side by side, (9C, 2C). Same parameters and values as `Perceive` (to float
-    rounding). The TFLite export's trainable files use it (LiteRT's delegate takes no
-    convolution with computed weights); `mlp.matmul` keeps its backward delegated too."""
+    The reflect-padded state's three column shifts side by side, s (B, H+2, W, 3C), times the
+    kernels' three rows side by side, (3C, 3 x 2C): block i of the product, taken i rows down,
+    is kernel row i's share of both 3x3 convolutions, and the three shares add up to them.
+    Same parameters and values as `Perceive` (to float rounding). The TFLite export's trainable
+    files use it: LiteRT's XNNPACK delegate takes no convolution with computed weights. Built
+    from three windows instead of all nine, the columns are a third of the full im2col's, so
+    less is copied (at most five inputs per concatenation, which the delegate needs), and
+    `mlp.matmul` keeps the backward's product delegated too."""
     b, h, w, c = state.shape
     pp = perceive_params
-    k = jnp.concatenate([pp["conv0"]["kernel"], pp["conv1"]["kernel"]], -1).reshape(9 * c, 2 * c)
+    k = jnp.concatenate([pp["conv0"]["kernel"], pp["conv1"]["kernel"]], -1)  # (3, 3, C, 2C)
+    kcat = jnp.concatenate([k[i].reshape(3 * c, 2 * c) for i in range(3)], axis=-1)
     bias = jnp.concatenate([pp["conv0"]["bias"], pp["conv1"]["bias"]])
     padded = jnp.pad(state, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-    # three concatenations of three windows, then one of the three: LiteRT's XNNPACK delegate
-    # takes a concatenation of at most five tensors; one of nine ran on LiteRT's own kernel
-    rows = [
-        jnp.concatenate([padded[:, i : i + h, j : j + w, :] for j in range(3)], axis=-1)
-        for i in range(3)
-    ]
-    cols = jnp.concatenate([jax.lax.optimization_barrier(r) for r in rows], axis=-1)
-    p = (mlp.matmul(cols.reshape(b * h * w, 9 * c), k) + bias).reshape(b, h, w, 2 * c)
+    s = jnp.concatenate([padded[:, :, j : j + w, :] for j in range(3)], axis=-1)
+    z = mlp.matmul(s.reshape(b * (h + 2) * w, 3 * c), kcat).reshape(b, h + 2, w, 6 * c)
+    p = sum(z[:, i : i + h, :, 2 * c * i : 2 * c * (i + 1)] for i in range(3)) + bias
     return jnp.concatenate([state, p], axis=-1)
 
 

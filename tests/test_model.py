@@ -224,7 +224,7 @@ def test_fast_backward_equals_autodiff_of_the_flax_rule():
 
 
 def test_im2col_perception_equals_the_convolutions_in_value_and_gradient():
-    """perceive "im2col" (the TFLite export's: one matmul over the nine shifted windows) is the
+    """perceive "im2col" (the TFLite export's: one matmul over three shifted windows) is the
     same rule as "conv": same features, update and gradients, reflect padding included (an
     asymmetric 5 x 7 state, so a swapped window order or axis would show)."""
     cfg = ModelConfig(channels=6, hidden=10, fold_norm=False)
