@@ -21,7 +21,7 @@ def transposed(w: jax.Array) -> jax.Array:
 
     Left alone, the converter folds `x @ w.T` into a FULLY_CONNECTED op, which LiteRT's XNNPACK
     delegate does not take when w is computed in the graph (a weight or a gradient, not a
-    constant): it then runs on LiteRT's single-threaded kernel, 3x slower than the delegated
+    constant): it then runs on LiteRT's single-threaded kernel, 2-3x slower than the delegated
     BATCH_MATMUL that `x @ transposed(w)` becomes (a 4096 x 16 @ 16 x 128 probe, 2 threads).
     The barrier costs XLA one copy of a weight-sized array."""
     return jax.lax.optimization_barrier(w.T)

@@ -101,7 +101,8 @@ def perceive_im2col(perceive_params: Params, state: jax.Array) -> jax.Array:
     padded = jnp.pad(state, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
     s = jnp.concatenate([padded[:, :, j : j + w, :] for j in range(3)], axis=-1)
     z = mlp.matmul(s.reshape(b * (h + 2) * w, 3 * c), kcat).reshape(b, h + 2, w, 6 * c)
-    p = sum(z[:, i : i + h, :, 2 * c * i : 2 * c * (i + 1)] for i in range(3)) + bias
+    r0, r1, r2 = (z[:, i : i + h, :, 2 * c * i : 2 * c * (i + 1)] for i in range(3))
+    p = r0 + r1 + r2 + bias
     return jnp.concatenate([state, p], axis=-1)
 
 
