@@ -29,7 +29,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -491,10 +491,11 @@ def convert(
         return model
 
 
-def subgraph_ops(model: bytes) -> list[set[str]]:
-    """The op names of EVERY subgraph of a .tflite flatbuffer (one set per subgraph; each
-    signature has its own subgraph), read from the file's schema: builtin ops by their
-    BuiltinOperator name, custom ops (Flex ones among them) by their custom code."""
+def operators(model: bytes) -> Iterator[tuple[int, str, Any, Any]]:
+    """Every operator of a .tflite flatbuffer, read from the file's schema: (subgraph index, op
+    name, the op, its subgraph), builtin ops by their BuiltinOperator name, custom ops (Flex
+    ones among them) by their custom code. The op and subgraph are the schema's flat readers
+    (InputsLength(), Outputs(i), Tensors(i).ShapeAsNumpy(), ...)."""
     from tensorflow.lite.python import schema_py_generated as fb
 
     m = fb.Model.GetRootAsModel(bytearray(model), 0)
@@ -505,10 +506,22 @@ def subgraph_ops(model: bytes) -> list[set[str]]:
         code = max(c.BuiltinCode(), c.DeprecatedBuiltinCode())
         custom = c.CustomCode()
         names.append(custom.decode() if custom else builtin.get(code, f"BUILTIN_{code}"))
-    out = []
     for s in range(m.SubgraphsLength()):
         g = m.Subgraphs(s)
-        out.append({names[g.Operators(j).OpcodeIndex()] for j in range(g.OperatorsLength())})
+        for j in range(g.OperatorsLength()):
+            op = g.Operators(j)
+            yield s, names[op.OpcodeIndex()], op, g
+
+
+def subgraph_ops(model: bytes) -> list[set[str]]:
+    """The op names of EVERY subgraph of a .tflite flatbuffer (one set per subgraph; each
+    signature has its own subgraph)."""
+    from tensorflow.lite.python import schema_py_generated as fb
+
+    count = fb.Model.GetRootAsModel(bytearray(model), 0).SubgraphsLength()
+    out: list[set[str]] = [set() for _ in range(count)]
+    for s, name, _, _ in operators(model):
+        out[s].add(name)
     return out
 
 

@@ -60,22 +60,11 @@ def test_file_has_the_signatures_and_no_flex_ops(exported):
 def _most_concatenated(model: bytes) -> int:
     """The most inputs of any CONCATENATION op with a large output (1024 values or more: the
     optimizer's concatenations of scalars do not count) in any subgraph of a .tflite file."""
-    from tensorflow.lite.python import schema_py_generated as fb
-
-    m = fb.Model.GetRootAsModel(bytearray(model), 0)
-    codes = [m.OperatorCodes(i) for i in range(m.OperatorCodesLength())]
-    concat = {
-        i
-        for i, c in enumerate(codes)
-        if max(c.BuiltinCode(), c.DeprecatedBuiltinCode()) == fb.BuiltinOperator.CONCATENATION
-    }
-    most = 0
-    for g in (m.Subgraphs(s) for s in range(m.SubgraphsLength())):
-        for op in (g.Operators(j) for j in range(g.OperatorsLength())):
-            big = g.Tensors(op.Outputs(0)).ShapeAsNumpy().prod() >= 1024
-            if op.OpcodeIndex() in concat and big:
-                most = max(most, op.InputsLength())
-    return most
+    return max(
+        op.InputsLength()
+        for _, name, op, g in ex.operators(model)
+        if name == "CONCATENATION" and g.Tensors(op.Outputs(0)).ShapeAsNumpy().prod() >= 1024
+    )
 
 
 def test_op_list_covers_every_subgraph(exported):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nca_jax.export import operators
 from nca_jax.mlp import transposed
 
 FORMS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
@@ -48,12 +49,7 @@ def convert(fn: Callable, shapes: list[tuple[int, ...]]) -> bytes:
 
 
 def op_counts(model: bytes) -> dict[str, int]:
-    from ai_edge_litert import schema_py_generated as fb
-
-    m = fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(model, 0))
-    names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
-    codes = [names[max(c.builtinCode, c.deprecatedBuiltinCode)] for c in m.operatorCodes]
-    return dict(collections.Counter(codes[op.opcodeIndex] for op in m.subgraphs[0].operators))
+    return dict(collections.Counter(name for _, name, _, _ in operators(model)))
 
 
 def main() -> None:
