@@ -51,7 +51,9 @@ class ModelConfig:
     # how the two 3x3 perception convolutions are computed (same function): "conv" (one
     # convolution each) or "im2col" (the nine shifted windows side by side times both kernels:
     # one matmul). The TFLite export uses "im2col": LiteRT's XNNPACK delegate runs matmuls
-    # with variable weights but not convolutions. "im2col" needs fast_backward.
+    # with variable weights but not convolutions. "im2col" needs fast_backward. For kind
+    # "unet", "im2col" computes the UNet's convolutions and upsampling as matmuls the same way
+    # (nca_jax/conv.py).
     perceive: str = "conv"
     # the fast_backward path's batch norm folded into the first dense layer through the (F, F)
     # covariance of the MLP's input: same function, fewer passes over the (cells, hidden)

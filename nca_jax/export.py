@@ -73,7 +73,8 @@ class ExportSpec:
     seed: int = 1  # device draws: a reproducible stream per loaded file; 0 = seeded at run time
     signatures: tuple[str, ...] = SIGNATURES  # a subset makes a smaller file (e.g. infer only)
     frozen: bool = False  # weights as constants: inference only (infer, sample), delegable
-    # How Med-NCA's perception convolutions are written into the graph (same values): "conv",
+    # How Med-NCA's perception convolutions (a UNet's: all its convolutions and upsampling)
+    # are written into the graph (same values): "conv",
     # "im2col" (one matmul), or "auto": im2col in a trainable file, whose weights are variables
     # (LiteRT's XNNPACK delegate runs matmuls with variable weights but leaves a CONV_2D with
     # a variable filter to LiteRT's slower kernel), conv in a frozen one (constant filters:
@@ -139,10 +140,10 @@ class Functions:
     params: the weights.npz arrays in sorted-name order; opt_*: optax Adam state leaves."""
 
     def __init__(self, cfg: RunConfig, spec: ExportSpec, params: Params):
-        if cfg.model.kind == "med-nca":  # same function, computed as the spec asks
-            # and with the MLP on all cells at once (a converted scan keeps its buffers)
-            mc = dataclasses.replace(cfg.model, perceive=spec.perceive_impl(cfg.model), mlp_chunk=0)
-            cfg = dataclasses.replace(cfg, model=mc)
+        # same function, its convolutions computed as the spec asks, and Med-NCA's MLP on all
+        # cells at once (a converted scan keeps its buffers)
+        mc = dataclasses.replace(cfg.model, perceive=spec.perceive_impl(cfg.model), mlp_chunk=0)
+        cfg = dataclasses.replace(cfg, model=mc)
         self.cfg, self.spec, self.mc = cfg, spec, cfg.model
         flat = flatten_params(params)
         self.names = list(flat)
@@ -550,8 +551,8 @@ def export(
         "spec": dataclasses.asdict(spec),
         "weights": flatten_names(params),
         "signatures": signature_keys(spec, cfg.model.kind),
-        # how the graph computes Med-NCA's perception (the spec may say "auto")
-        "perceive": spec.perceive_impl(cfg.model) if cfg.model.kind == "med-nca" else None,
+        # how the graph computes the convolutions (the spec may say "auto")
+        "perceive": spec.perceive_impl(cfg.model),
         "ops": ops,
         "flex_ops": [o for o in ops if o.startswith("Flex") or o not in builtin_op_names()],
         "bytes": len(model),

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nca_jax import mlp
+from nca_jax import conv, mlp
 from nca_jax.config import ModelConfig
 from nca_jax.unet import init_unet, unet_logits
 
@@ -85,24 +85,14 @@ def update_rule(cfg: ModelConfig) -> UpdateRule:
 def perceive_im2col(perceive_params: Params, state: jax.Array) -> jax.Array:
     """Perceive's function as one matmul: state (B, H, W, C) -> features (B, H, W, 3C).
 
-    The reflect-padded state's three column shifts side by side, s (B, H+2, W, 3C), times the
-    kernels' three rows side by side, (3C, 3 x 2C): block i of the product, taken i rows down,
-    is kernel row i's share of both 3x3 convolutions, and the three shares add up to them.
-    Same parameters and values as `Perceive` (to float rounding). The TFLite export's trainable
-    files use it: LiteRT's XNNPACK delegate takes no convolution with computed weights. Built
-    from three windows instead of all nine, the columns are a third of the full im2col's, so
-    less is copied (at most five inputs per concatenation, which the delegate needs), and
-    `mlp.matmul` keeps the backward's product delegated too."""
-    b, h, w, c = state.shape
+    Both 3x3 convolutions at once, as `conv.conv3x3_columns` with their kernels side by side
+    (C -> 2C, reflect padding). Same parameters and values as `Perceive` (to float rounding).
+    The TFLite export's trainable files use it: LiteRT's XNNPACK delegate takes no convolution
+    with computed weights, and `mlp.matmul` keeps the backward's product delegated too."""
     pp = perceive_params
     k = jnp.concatenate([pp["conv0"]["kernel"], pp["conv1"]["kernel"]], -1)  # (3, 3, C, 2C)
-    kcat = jnp.concatenate([k[i].reshape(3 * c, 2 * c) for i in range(3)], axis=-1)
     bias = jnp.concatenate([pp["conv0"]["bias"], pp["conv1"]["bias"]])
-    padded = jnp.pad(state, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-    s = jnp.concatenate([padded[:, :, j : j + w, :] for j in range(3)], axis=-1)
-    z = mlp.matmul(s.reshape(b * (h + 2) * w, 3 * c), kcat).reshape(b, h + 2, w, 6 * c)
-    r0, r1, r2 = (z[:, i : i + h, :, 2 * c * i : 2 * c * (i + 1)] for i in range(3))
-    p = r0 + r1 + r2 + bias
+    p = conv.conv3x3_columns(state, k, bias, pad_mode="reflect")
     return jnp.concatenate([state, p], axis=-1)
 
 

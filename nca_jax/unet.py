@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nca_jax import conv, mlp
 from nca_jax.config import ModelConfig
 
 
@@ -32,6 +33,9 @@ class UNetConfig:
 
     num_encoding_blocks: int = 5
     first_channels: int = 64
+    # the convolutions and the upsampling as matmuls (`nca_jax.conv`: same parameters and
+    # values), for a trainable TFLite file whose ops LiteRT's XNNPACK delegate runs
+    im2col: bool = False
 
 
 PAPER_UNET = UNetConfig(5, 64)  # 36,950,273 parameters
@@ -52,14 +56,35 @@ def _torch_like_bias(fan_in: int):
 _KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+class Conv(nn.Module):
+    """nn.Conv's parameters (kernel (k, k, Cin, features), bias) and function, 'same' size
+    with zero padding, for k = 3 or 1, computed as matmuls (`nca_jax.conv`)."""
+
+    features: int
+    size: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin, k = x.shape[-1], self.size
+        kernel = self.param("kernel", _KERNEL, (k, k, cin, self.features))
+        bias = self.param("bias", _torch_like_bias(k * k * cin), (self.features,))
+        if k == 1:
+            return conv.conv1x1(x, kernel, bias)
+        return conv.conv3x3_columns(x, kernel, bias, pad_mode="constant")
+
+
 class DoubleConv(nn.Module):
     """Two 3x3 convolutions with bias, each followed by ReLU."""
 
     features: int
+    im2col: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(2):
+            if self.im2col:
+                x = conv.relu(Conv(self.features, 3, name=f"conv{i}")(x))
+                continue
             fan_in = 9 * x.shape[-1]
             x = nn.Conv(
                 self.features,
@@ -89,6 +114,7 @@ class Upsample2x(nn.Module):
     legalise to builtin ops)."""
 
     features: int
+    im2col: bool = False  # the matmul through mlp.matmul (a delegated gradient in TFLite)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -96,7 +122,12 @@ class Upsample2x(nn.Module):
         kernel = self.param("kernel", _KERNEL, (2, 2, c, self.features))
         bias = self.param("bias", _torch_like_bias(4 * self.features), (self.features,))
         b, h, w, _ = x.shape
-        y = jnp.einsum("bijc,uvco->biujvo", x, kernel)
+        if self.im2col:
+            k = kernel.transpose(2, 0, 1, 3).reshape(c, 4 * self.features)  # (c, u v o)
+            y = mlp.matmul(x.reshape(b * h * w, c), k).reshape(b, h, w, 2, 2, self.features)
+            y = y.transpose(0, 1, 3, 2, 4, 5)  # (b, i, u, j, v, o)
+        else:
+            y = jnp.einsum("bijc,uvco->biujvo", x, kernel)
         return y.reshape(b, 2 * h, 2 * w, self.features) + bias
 
 
@@ -111,17 +142,23 @@ class UNet(nn.Module):
         depth = self.cfg.num_encoding_blocks - 1
         f = self.cfg.first_channels
         skips = []
+        m = self.cfg.im2col
         for level in range(depth):
-            x = DoubleConv(f * 2**level, name=f"down{level}")(x)
+            x = DoubleConv(f * 2**level, m, name=f"down{level}")(x)
             skips.append(x)
             x = max_pool2(x)
-        x = DoubleConv(f * 2**depth, name="bottom")(x)
+        x = DoubleConv(f * 2**depth, m, name="bottom")(x)
         for level in reversed(range(depth)):
             c = x.shape[-1]
-            x = Upsample2x(c, name=f"upsample{level}")(x)
+            x = Upsample2x(c, m, name=f"upsample{level}")(x)
             x = jnp.concatenate([skips[level], x], axis=-1)
-            x = DoubleConv(f * 2**level, name=f"up{level}")(x)
-        out = nn.Conv(1, (1, 1), kernel_init=_KERNEL, bias_init=_torch_like_bias(f), name="head")(x)
+            x = DoubleConv(f * 2**level, m, name=f"up{level}")(x)
+        if m:
+            out = Conv(1, 1, name="head")(x)
+        else:
+            out = nn.Conv(
+                1, (1, 1), kernel_init=_KERNEL, bias_init=_torch_like_bias(f), name="head"
+            )(x)
         return out[..., 0]
 
 
@@ -134,7 +171,8 @@ def count_unet_params(cfg: UNetConfig, size: int = 256) -> int:
 
 
 def unet_config(mc: ModelConfig) -> UNetConfig:
-    return UNetConfig(mc.unet_blocks, mc.unet_channels)
+    """The UNet of a model config; model.perceive "im2col" computes it as matmuls."""
+    return UNetConfig(mc.unet_blocks, mc.unet_channels, mc.perceive == "im2col")
 
 
 def init_unet(mc: ModelConfig, key: jax.Array) -> dict:

@@ -361,6 +361,11 @@ def test_unet_exports_with_builtin_ops_and_its_train_call_is_the_training_step(t
     spec = ex.ExportSpec(batch=2, size=32, train_lr=1e-3, fixed_randomness=True)
     info = ex.export(cfg, params, spec, tmp_path / "unet.tflite")
     assert info["flex_ops"] == []
+    # convolutions, upsampling and head as matmuls (nca_jax.conv), and the ReLU's gradient
+    # without GREATER / SELECT: ops that LiteRT's XNNPACK delegate runs with variable weights
+    assert info["perceive"] == "im2col"
+    assert not {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "GREATER"} & set(info["ops"])
+    assert _most_concatenated((tmp_path / "unet.tflite").read_bytes()) <= 5
     assert set(info["signatures"]) == {
         "infer",
         "train",

@@ -103,6 +103,32 @@ def test_upsample_is_flaxs_transposed_convolution_with_the_kernel_flipped():
     np.testing.assert_allclose(up.apply(p, x), ref.apply(flipped, x), atol=1e-5)
 
 
+def test_unet_as_matmuls_is_the_same_model_in_parameters_values_and_gradients():
+    """model.perceive "im2col" (a trainable TFLite file's UNet: convolutions, upsampling and
+    head as matmuls, nca_jax.conv) has the same parameter tree and initial values, the same
+    logits and the same gradients as the convolutions."""
+    import dataclasses
+
+    x = jax.random.uniform(jax.random.key(3), (2, 8, 12, 1))
+    target = (jax.random.uniform(jax.random.key(4), (2, 8, 12)) > 0.5).astype(jnp.float32)
+    cfg = UNetConfig(2, 3)
+    ref, mat = UNet(cfg), UNet(dataclasses.replace(cfg, im2col=True))
+    p_ref, p_mat = ref.init(jax.random.key(5), x), mat.init(jax.random.key(5), x)
+    assert jax.tree_util.tree_structure(p_ref) == jax.tree_util.tree_structure(p_mat)
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(p_ref), leaves(p_mat), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(mat.apply(p_ref, x), ref.apply(p_ref, x), rtol=1e-5, atol=1e-5)
+
+    def loss(model):
+        return lambda p: jnp.mean(jnp.square(jax.nn.sigmoid(model.apply(p, x)) - target))
+
+    g_ref, g_mat = jax.grad(loss(ref))(p_ref), jax.grad(loss(mat))(p_ref)
+    for a, b in zip(leaves(g_ref), leaves(g_mat), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert any(float(jnp.abs(a).max()) > 1e-4 for a in leaves(g_ref))
+
+
 def test_max_pool2_is_flaxs_max_pool():
     import flax.linen as nn
 
