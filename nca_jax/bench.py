@@ -30,7 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from nca_jax.cli import run_cli
-from nca_jax.config import ModelConfig, RunConfig, TrainConfig, atomic_write_text
+from nca_jax.config import (
+    FinetuneConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    atomic_write_text,
+    config_from_dict,
+)
 from nca_jax.errors import ConfigError
 from nca_jax.model import init_params, predict_logits, sample_keys
 from nca_jax.predict import ALL, default_parallel, make_predict
@@ -252,19 +259,29 @@ def _signature_inputs(b: int, s: int) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
+def twin_config(file_config: dict[str, Any], batch: int, size: int, where: str) -> RunConfig:
+    """The run config JAX's twin of an exported file trains with: the file's own (its model,
+    and its loss with level 1's term), at the file's batch and size, without the weights'
+    average (the phone's `train` is the plain optimizer step)."""
+    cfg = config_from_dict(file_config, f"{where} (its config)")
+    train = dataclasses.replace(cfg.train, batch_size=batch, image_size=size, ema_decay=0.0)
+    finetune = dataclasses.replace(cfg.finetune or FinetuneConfig(), batch_size=batch)
+    return dataclasses.replace(cfg, train=train, finetune=finetune).validate()
+
+
 def bench_tflite(path: str, reps: int, threads: int | None = None) -> dict[str, float]:
     """Per-call seconds of the file's signatures (LiteRT) and of the jitted JAX functions that
     do the same work (the file's model, batch and size), in this process. Times the signatures
     the file holds among infer, sample, train and finetune (a UNet's file has no sample or
     finetune; a frozen file only infer and sample). threads: LiteRT's CPU threads (None: its
     default)."""
-    from nca_jax.config import FinetuneConfig
     from nca_jax.device_train import TFLiteModel
     from nca_jax.finetuning import make_finetune_step
 
     model = TFLiteModel(path, threads)
     b, s = model.batch, model.size
-    mc = ModelConfig(**model.info["config"]["model"])
+    cfg = twin_config(model.info["config"], b, s, path)
+    mc = cfg.model
     calls = _signature_inputs(b, s)
     img, msk = calls["train"]["image"], calls["train"]["mask"]
     calls = {k: v for k, v in calls.items() if k in model.signatures}
@@ -278,11 +295,6 @@ def bench_tflite(path: str, reps: int, threads: int | None = None) -> dict[str, 
         _, t = timeit(lambda sig=sig, kw=kw: model.run(sig, **kw), n)
         out[f"tflite_{sig}_s"] = t
     # JAX, same work
-    cfg = RunConfig(
-        model=mc,
-        train=TrainConfig(batch_size=b, image_size=s),
-        finetune=FinetuneConfig(batch_size=b),
-    ).validate()
     params = _bench_params(mc)
     one = jax.jit(lambda p, i, k: jax.nn.sigmoid(predict_logits(p, i, cfg=mc, key=k)))
     ten = make_predict(mc, model.info["spec"]["samples"])  # the library's own sampling path

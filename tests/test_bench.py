@@ -4,6 +4,7 @@ import pytest
 
 from nca_jax import bench
 from nca_jax.config import ModelConfig
+from nca_jax.errors import ConfigError
 
 
 def test_flop_count_matches_the_issue():
@@ -86,3 +87,26 @@ def test_level1_loss_bench_times_the_deep_step_and_says_so(tmp_path):
     assert bench.main([*args, "--level1-loss", "1", "--json", str(out)]) == 0
     d = json.loads(out.read_text())
     assert d["level1_loss_weight"] == 1.0 and d["per_batch"]["2"]["train_step_s"] > 0
+
+
+def test_the_jax_twin_of_a_file_trains_with_the_files_loss_at_its_batch_and_size():
+    """bench_tflite's JAX twin once timed the plain supervised step whatever the file's config
+    said; it now takes the file's loss (level 1's term, a UNet's focal loss) at the file's batch
+    and size, and leaves out the weights' average, which the phone's `train` does not keep."""
+    from nca_jax.config import RunConfig, TrainConfig
+
+    src = RunConfig(
+        model=ModelConfig(patch=8),
+        train=TrainConfig(batch_size=16, level1_loss_weight=0.5, ema_decay=0.99),
+    ).validate()
+    cfg = bench.twin_config(src.to_dict(), 2, 32, "x.tflite")
+    t = cfg.train
+    assert (t.batch_size, t.image_size, t.level1_loss_weight, t.ema_decay) == (2, 32, 0.5, 0.0)
+    assert cfg.finetune.batch_size == 2 and cfg.model == src.model
+    unet = RunConfig(
+        model=ModelConfig(kind="unet", unet_blocks=2, unet_channels=4),
+        train=TrainConfig(loss="dice_focal"),
+    ).validate()
+    assert bench.twin_config(unet.to_dict(), 1, 32, "u.tflite").train.loss == "dice_focal"
+    with pytest.raises(ConfigError, match=r"x.tflite \(its config\).*model.kind"):
+        bench.twin_config({**src.to_dict(), "model": {"kind": "gan"}}, 2, 32, "x.tflite")

@@ -442,6 +442,11 @@ def test_protocols_reject_unknown_nested_keys_and_bad_types(tmp_path):
     path.write_text(json.dumps({"variants": {}, "comment": "x"}))
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['comment'\]"):
         TimeToDiceProtocol.load(path)
+    t1 = json.loads((ROOT / "configs" / "table1_cpu.json").read_text())
+    for bad in (0, 1.5, True):
+        path.write_text(json.dumps({**t1, "phone_threads": bad}))
+        with pytest.raises(ConfigError, match=r"phone_threads must be a whole number >= 1"):
+            Table1Protocol.load(path)
     cap = json.loads((ROOT / "configs" / "capture_cpu.json").read_text())
     path.write_text(json.dumps({**cap, "presets": ["sever"]}))
     with pytest.raises(ConfigError, match=r"unknown preset\(s\) \['sever'\]"):
@@ -629,6 +634,7 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
         "eval_samples": 2,
         "phone_size": 32,
         "phone_reps": 1,
+        "phone_threads": 2,
         "vwsl": str(tmp_path / "vwsl.json"),
     }
     (tmp_path / "p.json").write_text(json.dumps(proto))
@@ -668,6 +674,7 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
         assert "tflite_train_s" not in fz and fz["batch"] == 1 and fz["size"] == 32
         trainable = json.loads((tmp_path / "work" / f"phone-{m}.json").read_text())
         assert fz["tflite_bytes"] < trainable["tflite_bytes"]  # no optimizer, no train graph
+        assert trainable["threads"] == 2 and trainable["cpu_model"] == fz["cpu_model"] != ""
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "results" / "table1.json").read_text())
@@ -693,6 +700,7 @@ def test_table1_trains_every_model_tests_both_sites_times_the_phone_and_resumes(
     assert "| shenzhen | unet-small |" in md and "| shenzhen | med-nca+vwsl |" in md
     assert " (1 of 1) |" in md  # each seed's best validation Dice and its epoch
     assert "| unet-small | 1,921 |" in md  # the phone column alone
+    assert "px, 2 LiteRT threads;" in md  # the protocol's thread count for trainable files
     versus_rows = json.loads((tmp_path / "results" / "table1_versus.json").read_text())
     assert len(versus_rows) == 4  # med-nca against unet-small, train x test site
     assert "## med-nca against each UNet" in md and "| unet-small | 0.56 |" in md
