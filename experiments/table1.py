@@ -71,6 +71,9 @@ class Table1Protocol:
     eval_samples: int = 10  # predictions per test image (a UNet's one is deterministic)
     phone_size: int = 256  # the phone column: batch 1 at this size
     phone_reps: int = 3
+    # LiteRT threads for the trainable files (null: LiteRT's default, which the phone units of
+    # session 12 used; a phone app sets its own)
+    phone_threads: int | None = None
     # LiteRT threads for the inference-only (frozen) files: this CPU's 2 cores (LiteRT's
     # default thread count predicted 1.6x slower here, results/README.md session 9)
     phone_frozen_threads: int = 2
@@ -86,6 +89,10 @@ class Table1Protocol:
             raise ConfigError(f"{where}: unknown site(s) {sorted(bad)} (known: {list(SITES)})")
         if p.budget_minutes <= 0 or p.n_train < 1 or p.validations < 1:
             raise ConfigError(f"{where}: budget_minutes, n_train and validations must be > 0")
+        for name in ("phone_threads", "phone_frozen_threads"):
+            v = getattr(p, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{where}: {name} must be a whole number >= 1, got {v!r}")
         for n, v in p.models.items():
             variant_config(v, f"{where} [models.{n}]")  # every model's config is valid
         return p
@@ -224,7 +231,7 @@ class Table:
         `threads`, None: its default) beside JAX in the same process."""
         import jax
 
-        from nca_jax.bench import bench_tflite
+        from nca_jax.bench import bench_tflite, cpu_model
         from nca_jax.export import ExportSpec, export
         from nca_jax.model import init_params
 
@@ -237,6 +244,7 @@ class Table:
         info = export(cfg, params, spec, path, source=f"untrained {name}")
         res: dict[str, Any] = {"export_s": time.perf_counter() - t, "ops": info["ops"]}
         res.update(bench_tflite(str(path), self.p.phone_reps, threads))
+        res["cpu_model"] = cpu_model()
         return res
 
     def phone(self, name: str) -> dict[str, Any] | None:
@@ -248,7 +256,9 @@ class Table:
                 "train_lr": base_config(self.p, name).train.lr,
                 "signatures": ("infer", "train", "finetune"),
             }
-            return self._phone_file(name, f"{name}.tflite", spec_kw, None)
+            res = self._phone_file(name, f"{name}.tflite", spec_kw, self.p.phone_threads)
+            res["threads"] = self.p.phone_threads
+            return res
 
         return unit(self.work / f"phone-{name}.json", do, self.compute)
 
@@ -585,8 +595,13 @@ def markdown(
     if phones:
         lines += [
             "",
-            f"The phone column alone (LiteRT on this CPU, batch 1, {p.phone_size} px, its default "
-            "thread count; JAX doing the same work in the same process). The last two columns are "
+            f"The phone column alone (LiteRT on this CPU, batch 1, {p.phone_size} px, "
+            + (
+                "its default thread count"
+                if p.phone_threads is None
+                else f"{p.phone_threads} LiteRT threads"
+            )
+            + "; JAX doing the same work in the same process). The last two columns are "
             "the inference-only file a phone predicts with (`export_tflite.py --frozen`: weights "
             "as constants, which LiteRT's XNNPACK delegate takes; LiteRT threads as given):",
             "",
