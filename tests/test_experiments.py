@@ -443,9 +443,13 @@ def test_protocols_reject_unknown_nested_keys_and_bad_types(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['comment'\]"):
         TimeToDiceProtocol.load(path)
     t1 = json.loads((ROOT / "configs" / "table1_cpu.json").read_text())
-    for bad in (0, 1.5, True):
+    for bad, msg in (
+        (0, r"phone_threads must be a whole number >= 1, got 0"),
+        (1.5, r"phone_threads must be of type int \| None, got 1.5"),
+        (True, r"phone_threads must be of type int \| None, got True"),
+    ):
         path.write_text(json.dumps({**t1, "phone_threads": bad}))
-        with pytest.raises(ConfigError, match=r"phone_threads must be a whole number >= 1"):
+        with pytest.raises(ConfigError, match=msg):
             Table1Protocol.load(path)
     cap = json.loads((ROOT / "configs" / "capture_cpu.json").read_text())
     path.write_text(json.dumps({**cap, "presets": ["sever"]}))
