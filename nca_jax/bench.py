@@ -186,6 +186,10 @@ COMPARISONS: dict[str, tuple[dict[str, Any], str, str, bool, str, str]] = {
         {"mlp_chunk": 0}, "unchunked", "chunk", True,
         "MLP on all cells at once", "chunks are {:.2f}x faster",
     ),
+    "compare_fired": (
+        {"mlp_fired": 0}, "every_cell", "fired", True,
+        "MLP on every cell", "the fired cells alone are {:.2f}x faster",
+    ),
 }  # fmt: skip
 
 
@@ -409,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the training step and one prediction with the folded MLP on all cells "
         "at once (model.mlp_chunk 0, the MLP before session 21) and print the ratios",
     )
+    p.add_argument(
+        "--compare-fired",
+        action="store_true",
+        help="also time the training step and one prediction with the folded MLP on every cell "
+        "(model.mlp_fired 0, the MLP before session 26) and print the ratios",
+    )
     p.add_argument("--peer", help="folder holding the authors' src/ (see ../shared/peer/README.md)")
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument(
@@ -448,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if a.tflite_only and any(getattr(a, flag) for flag in COMPARISONS):
         raise ConfigError(
-            "--compare-perceive, --compare-fold, --compare-chunk and --autodiff-baseline time "
+            "--compare-perceive, --compare-fold, --compare-chunk, --compare-fired and "
+            "--autodiff-baseline time "
             "JAX: not with --tflite-only"
         )
     if a.tflite_only and not a.tflite:
@@ -478,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         r = bench_predict(mc, a.size, a.reps)
         r["variance10_fraction_of_matmul"] = r["variance10_gflops"] / res["matmul_gflops"]
         res.update(r)
-        for flag in ("compare_perceive", "compare_fold", "compare_chunk"):
+        for flag in ("compare_perceive", "compare_fold", "compare_chunk", "compare_fired"):
             if getattr(a, flag):
                 res.update(
                     compare(flag, mc, lambda m: predict_runner(m, a.size), a.reps, "predict",

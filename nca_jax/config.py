@@ -65,6 +65,11 @@ class ModelConfig:
     # 0 = all cells at once; -1 = auto (2048 on CPU, 0 on GPU/TPU; nca_jax.mlp.resolve_chunk).
     # Unused where fold_norm is false; the TFLite export always uses 0.
     mlp_chunk: int = -1
+    # 1: the folded MLP runs only on the cells that fire in a step (their updates are the only
+    # ones kept; the norm's statistics still take every cell): same function, half the MLP's
+    # matmuls at fire rate 0.5. 0: on every cell. -1 = auto: where the MLP runs in chunks (on
+    # CPU). Unused where fold_norm is false; the TFLite export and vmapped predictions use 0.
+    mlp_fired: int = -1
     kind: str = "med-nca"  # "med-nca" or "unet" (the deterministic baseline of Table 1)
     unet_blocks: int = 5  # UNet: encoding blocks (pooling levels + 1)
     unet_channels: int = 64  # UNet: channels of the first level, doubled per level
@@ -81,6 +86,8 @@ class ModelConfig:
             raise ConfigError('model.perceive "im2col" needs model.fast_backward true')
         if self.mlp_chunk < -1:
             raise ConfigError(f"model.mlp_chunk must be -1 (auto) or >= 0, got {self.mlp_chunk}")
+        if self.mlp_fired not in (-1, 0, 1):
+            raise ConfigError(f"model.mlp_fired must be -1 (auto), 0 or 1, got {self.mlp_fired}")
         if self.mlp_chunk > 0 and not (self.fold_norm and self.fast_backward):
             raise ConfigError("model.mlp_chunk > 0 needs model.fold_norm and model.fast_backward")
         if self.unet_blocks < 2 or self.unet_channels < 1:

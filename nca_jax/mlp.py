@@ -11,6 +11,7 @@ picks one from the ModelConfig.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -241,11 +242,13 @@ def cell_mlp_chunked(
     return _chunked_forward(x, w1, b1, scale, shift, w2, eps, chunk)[0]
 
 
-def _cell_mlp_chunked_bwd(eps, chunk, res, g):
-    del eps
-    xc, _, w1, _, w2, _, _, a, c = res
-    n = xc.shape[0]
-    wf = w1 * a
+def _chunks_bwd(
+    xc: jax.Array, g: jax.Array, wf: jax.Array, c: jax.Array, w2: jax.Array, chunk: int
+) -> tuple[jax.Array, ...]:
+    """The folded MLP's backward over rows xc (R, F) with output gradients g (R, C), `chunk`
+    rows at a time (pre-activations recomputed): (dw2, xdpre, dshift, dx_rows (R, F)), the sums
+    `_folded_grads` takes."""
+    r = xc.shape[0]
 
     def body(acc: tuple[jax.Array, ...], xg: tuple[jax.Array, jax.Array]):
         xk, gk = xg
@@ -259,14 +262,96 @@ def _cell_mlp_chunked_bwd(eps, chunk, res, g):
         )
         return acc, dpre @ wf.T
 
-    zeros = (jnp.zeros_like(w2), jnp.zeros_like(w1), jnp.zeros_like(c))
+    zeros = (jnp.zeros_like(w2), jnp.zeros_like(wf), jnp.zeros_like(c))
     (dw2, xdpre, dshift), dxf = jax.lax.scan(
         body, zeros, (_row_chunks(xc, chunk), _row_chunks(g, chunk))
     )
-    return _folded_grads(xdpre, dshift, dxf.reshape(-1, xc.shape[1])[:n], dw2, res)
+    return dw2, xdpre, dshift, dxf.reshape(-1, xc.shape[1])[:r]
+
+
+def _cell_mlp_chunked_bwd(eps, chunk, res, g):
+    del eps
+    xc, _, w1, _, w2, _, _, a, c = res
+    dw2, xdpre, dshift, dx_rows = _chunks_bwd(xc, g, w1 * a, c, w2, chunk)
+    return _folded_grads(xdpre, dshift, dx_rows, dw2, res)
 
 
 cell_mlp_chunked.defvjp(_chunked_forward, _cell_mlp_chunked_bwd)
+
+
+# Only the cells that fire need the MLP. An NCA step keeps a cell's update only where its fire
+# mask is 1 (about half the cells), but the norm's statistics are over all cells. So the
+# statistics (and their gradient) take every row, and the MLP's matmuls, forward and backward,
+# only the fired rows: gathered into a fixed number of slots (`fired_capacity`, far above the
+# Binomial count; a step that fires more takes the all-cells path instead), and scattered back.
+# A padding slot gathers a clamped row, gets a zero output gradient, and its output is dropped.
+
+
+def fired_capacity(n: int, rate: float) -> int:
+    """Slots for the fired rows among n at fire rate `rate`: the mean count plus 8 standard
+    deviations, rounded up to a multiple of 256 and at most n (a Binomial count above it has
+    probability below 1e-15)."""
+    c = rate * n + 8.0 * math.sqrt(n * rate * (1.0 - rate))
+    return min(n, 256 * math.ceil(c / 256))
+
+
+def _rows_forward(
+    x: jax.Array,
+    rows: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    w2: jax.Array,
+    eps: float,
+    chunk: int,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    del b1
+    n = x.shape[0]
+    xc, m, cov, rstd, a, wf, c = _folded_stats(x, w1, scale, shift, eps)
+    xr = xc[jnp.minimum(rows, n - 1)]
+    k = chunk if 0 < chunk < rows.shape[0] else rows.shape[0]
+
+    def body(_: None, xk: jax.Array) -> tuple[None, jax.Array]:
+        return None, jax.nn.relu(xk @ wf + c) @ w2
+
+    out = jax.lax.scan(body, None, _row_chunks(xr, k))[1].reshape(-1, w2.shape[1])
+    out = jnp.zeros((n, w2.shape[1]), x.dtype).at[rows].set(out[: rows.shape[0]], mode="drop")
+    return out, (xc, m, w1, scale, w2, cov, rstd, a, c, rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def cell_mlp_rows(
+    x: jax.Array,
+    rows: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    w2: jax.Array,
+    eps: float,
+    chunk: int,
+) -> jax.Array:
+    """The folded MLP's output (N, C) on the rows listed in rows (R,) (distinct indices < N;
+    N marks an empty slot) and 0 on the others; the norm's statistics over all N rows of x
+    (N, F). `chunk` rows at a time (0: all R at once)."""
+    return _rows_forward(x, rows, w1, b1, scale, shift, w2, eps, chunk)[0]
+
+
+def _cell_mlp_rows_bwd(eps, chunk, res, g):
+    del eps
+    xc, _, w1, _, w2, _, _, a, c, rows = res
+    n, r = xc.shape[0], rows.shape[0]
+    k = chunk if 0 < chunk < r else r
+    xr = xc[jnp.minimum(rows, n - 1)]
+    gr = g.at[rows].get(mode="fill", fill_value=0.0)  # an empty slot: no gradient
+    dw2, xdpre, dshift, dxr = _chunks_bwd(xr, gr, w1 * a, c, w2, k)
+    dx_rows = jnp.zeros_like(xc).at[rows].set(dxr, mode="drop")
+    dx, dw1, db1, dscale, dshift, dw2 = _folded_grads(xdpre, dshift, dx_rows, dw2, res[:9])
+    return dx, None, dw1, db1, dscale, dshift, dw2
+
+
+cell_mlp_rows.defvjp(_rows_forward, _cell_mlp_rows_bwd)
 
 
 CPU_CHUNK = 2048  # cells per chunk on CPU (batch 16 training step 1.41-1.50x, session 21)
@@ -290,9 +375,37 @@ def folded_mlp(
     eps: float,
     *,
     chunk: int,
+    fired: jax.Array | None = None,
+    rate: float = 0.5,
 ) -> jax.Array:
     """The folded MLP, x (N, F) -> (N, C): `chunk` cells at a time where there are more than
-    that (a loop over chunks), else all at once (chunk 0: always)."""
-    if 0 < chunk < x.shape[0]:
-        return cell_mlp_chunked(x, w1, b1, scale, shift, w2, eps, chunk)
-    return cell_mlp_folded(x, w1, b1, scale, shift, w2, eps)
+    that (a loop over chunks), else all at once (chunk 0: always).
+
+    With fired (N,), a 0/1 fire mask drawn at `rate`, the output is the MLP's times fired: the
+    MLP runs only on the fired rows (`cell_mlp_rows`), unless more of them fired than
+    `fired_capacity` holds (then on all rows)."""
+    args = (x, w1, b1, scale, shift, w2)
+
+    def every(args: tuple[jax.Array, ...]) -> jax.Array:
+        if 0 < chunk < x.shape[0]:
+            return cell_mlp_chunked(*args, eps, chunk)
+        return cell_mlp_folded(*args, eps)
+
+    if fired is None:
+        return every(args)
+    n = x.shape[0]
+    cap = fired_capacity(n, rate)
+    if cap >= n:
+        return every(args) * fired[:, None]
+
+    def some(args: tuple[jax.Array, ...]) -> jax.Array:
+        (rows,) = jnp.nonzero(fired > 0, size=cap, fill_value=n)
+        return cell_mlp_rows(args[0], rows, *args[1:], eps, chunk)
+
+    return jax.lax.cond(jnp.sum(fired) <= cap, some, lambda a: every(a) * fired[:, None], args)
+
+
+def resolve_fired(mlp_fired: int, chunk: int) -> bool:
+    """ModelConfig.mlp_fired -> whether the MLP runs only on the fired cells. -1 (auto): where
+    the MLP runs in chunks (`resolve_chunk` > 0: on CPU)."""
+    return chunk > 0 if mlp_fired == -1 else bool(mlp_fired)

@@ -96,10 +96,14 @@ def perceive_im2col(perceive_params: Params, state: jax.Array) -> jax.Array:
     return jnp.concatenate([state, p], axis=-1)
 
 
-def apply_rule(level_params: Params, state: jax.Array, cfg: ModelConfig) -> jax.Array:
+def apply_rule(
+    level_params: Params, state: jax.Array, cfg: ModelConfig, fired: jax.Array | None = None
+) -> jax.Array:
     """UpdateRule's function with the fast backward: state (B, H, W, C) -> update (B, H, W, C).
 
-    Same parameters and same values as `update_rule(cfg).apply` (to float rounding)."""
+    Same parameters and same values as `update_rule(cfg).apply` (to float rounding). Given the
+    step's fire mask fired (B, H, W, 1), the update is computed only where it is 1 (0 elsewhere)
+    if cfg.mlp_fired says so (`mlp.resolve_fired`)."""
     if cfg.perceive == "im2col":
         feats = perceive_im2col(level_params["perceive"], state)
     else:
@@ -116,7 +120,15 @@ def apply_rule(level_params: Params, state: jax.Array, cfg: ModelConfig) -> jax.
         cfg.bn_eps,
     )
     if cfg.fold_norm:
-        out = mlp.folded_mlp(*args, chunk=mlp.resolve_chunk(cfg.mlp_chunk))
+        chunk = mlp.resolve_chunk(cfg.mlp_chunk)
+        if fired is not None and not mlp.resolve_fired(cfg.mlp_fired, chunk):
+            fired = None
+        out = mlp.folded_mlp(
+            *args,
+            chunk=chunk,
+            fired=None if fired is None else fired.reshape(b * h * w),
+            rate=cfg.fire_rate,
+        )
     else:
         out = mlp.cell_mlp(*args)
     return out.reshape(b, h, w, -1)
@@ -167,7 +179,7 @@ def nca_step(
     if mask is None:
         mask = fire_mask(key, state.shape[:3], cfg.fire_rate)
     if cfg.fast_backward:
-        delta = apply_rule(level_params, state, cfg)
+        delta = apply_rule(level_params, state, cfg, fired=mask)
     else:
         delta = update_rule(cfg).apply({"params": level_params}, state)
     new = state + delta * mask

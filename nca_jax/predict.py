@@ -8,6 +8,7 @@ calls in a Python loop), on GPU/TPU side by side (vmap). Same keys, same values 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -43,6 +44,8 @@ def make_predict(
     par = default_parallel() if parallel is None else parallel
     if par < 1:
         raise ValueError(f"parallel must be >= 1, got {par}")
+    if par > 1:  # under vmap the fired-cells path's branch would run both ways
+        mc = dataclasses.replace(mc, mlp_fired=0)
 
     def group(params: Params, image: jax.Array, keys: jax.Array) -> jax.Array:
         """image (H, W), keys (g,) -> the g predictions side by side, (g, H, W)."""

@@ -21,7 +21,7 @@ def test_bench_smoke(tmp_path):
         bench.main(
             [
                 *("--size", "32", "--steps", "2", "--batch", "2", "--reps", "1"),
-                *("--compare-perceive", "--compare-fold", "--compare-chunk"),
+                *("--compare-perceive", "--compare-fold", "--compare-chunk", "--compare-fired"),
                 *("--json", str(out)),
             ]
         )
@@ -48,6 +48,10 @@ def test_bench_smoke(tmp_path):
         "speedup_chunk",
         "predict_unchunked_s",
         "speedup_predict_chunk",
+        "train_step_every_cell_s",
+        "speedup_fired",
+        "predict_every_cell_s",
+        "speedup_predict_fired",
     ):
         assert d[k] > 0, k
     # each ratio comes from the pair timed interleaved, not from the separate base timing
