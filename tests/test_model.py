@@ -335,6 +335,79 @@ def test_mlp_chunk_auto_is_the_cpu_chunk_on_cpu_and_an_option_is_checked():
     ModelConfig(fold_norm=False).validate()  # auto: no chunks without the fold
 
 
+def test_fired_capacity_is_far_above_the_binomial_count_and_at_most_all_cells():
+    assert mlp.fired_capacity(65_536, 0.5) == 33_792  # 32,768 + 8 x 128, a multiple of 256
+    assert mlp.fired_capacity(1024, 0.5) == 768
+    assert mlp.fired_capacity(512, 0.5) == 512  # too few cells to save anything
+    assert mlp.fired_capacity(4096, 1.0) == 4096
+    assert mlp.resolve_fired(-1, 2048) and not mlp.resolve_fired(-1, 0)
+    assert mlp.resolve_fired(1, 0) and not mlp.resolve_fired(0, 2048)
+    with pytest.raises(ConfigError, match=r"model.mlp_fired must be -1 \(auto\), 0 or 1"):
+        ModelConfig(mlp_fired=2).validate()
+
+
+def _fired_case(seed: int = 0):
+    cfg = ModelConfig(channels=6, hidden=10)
+    params = randomised_params(cfg, seed=7)["level1"]
+    k = jax.random.split(jax.random.key(seed), 3)
+    state = jax.random.normal(k[0], (1, 32, 32, 6))  # 1024 cells: 768 slots for the fired
+    fired = m.fire_mask(k[1], (1, 32, 32), 0.5)
+    cot = jax.random.normal(k[2], (1, 32, 32, 6))
+    return cfg, params, state, fired, cot
+
+
+@pytest.mark.parametrize("chunk", [0, 300])  # all slots at once; chunks, the last one padded
+def test_mlp_on_the_fired_cells_equals_every_cell_masked_in_value_and_gradient(chunk):
+    """model.mlp_fired (the MLP's matmuls only on the gathered fired rows, the norm's
+    statistics on all) is the all-cells rule times the fire mask, in value and gradient; the
+    unfired cells' updates are exactly 0."""
+    cfg, params, state, fired, cot = _fired_case()
+    outs, grads = [], []
+    for on in (0, 1):
+        c = dataclasses.replace(cfg, mlp_chunk=chunk, mlp_fired=on)
+
+        def rule(p, s, c=c):
+            return m.apply_rule(p, s, c, fired=fired) * fired
+
+        out, vjp = jax.vjp(rule, params, state)
+        outs.append(out)
+        grads.append(vjp(cot))
+        jaxpr = str(jax.make_jaxpr(rule)(params, state))
+        assert ("gather" in jaxpr and "cond" in jaxpr) == bool(on)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    direct = m.apply_rule(params, state, dataclasses.replace(cfg, mlp_fired=1), fired=fired)
+    assert not np.any(np.asarray(direct)[np.asarray(fired[..., 0]) == 0])
+    for a, b in zip(*(jax.tree_util.tree_leaves(g) for g in grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_on_the_fired_cells_takes_every_cell_when_more_fire_than_it_has_slots():
+    cfg, params, state, _, cot = _fired_case(1)
+    fired = jnp.ones((1, 32, 32, 1)).at[0, 0, 0, 0].set(0.0)  # 1023 fired, 768 slots
+    on, off = (dataclasses.replace(cfg, mlp_fired=f) for f in (1, 0))
+    got, vjp = jax.vjp(lambda p, s: m.apply_rule(p, s, on, fired=fired), params, state)
+    want, vjp0 = jax.vjp(lambda p, s: m.apply_rule(p, s, off, fired=fired) * fired, params, state)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert int(jnp.sum(jnp.abs(want).sum(-1) > 0)) > 768  # more updates than the slots hold
+    for a, b in zip(*(jax.tree_util.tree_leaves(g(cot)) for g in (vjp, vjp0)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_nca_steps_on_the_fired_cells_equal_every_cell_with_the_same_key():
+    cfg, params, state, _, _ = _fired_case(2)
+    img = state[..., :1]
+    key = jax.random.key(4)
+    c2 = dataclasses.replace(cfg, steps=2)
+
+    def loss(p, c):
+        return jnp.sum(m.rollout(p, state, img, cfg=c, key=key) ** 2)
+
+    vals = [jax.value_and_grad(loss)(params, dataclasses.replace(c2, mlp_fired=f)) for f in (0, 1)]
+    np.testing.assert_allclose(vals[1][0], vals[0][0], rtol=1e-6)
+    for a, b in zip(*(jax.tree_util.tree_leaves(v[1]) for v in vals), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_perceive_option_is_checked():
     with pytest.raises(ConfigError, match="model.perceive must be one of"):
         ModelConfig(perceive="fft").validate()
