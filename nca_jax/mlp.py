@@ -295,6 +295,16 @@ def fired_capacity(n: int, rate: float) -> int:
     return min(n, 256 * math.ceil(c / 256))
 
 
+def _slot_chunk(r: int, chunk: int) -> int:
+    """Rows per chunk for r slots, at most `chunk` (0: all at once), in as few chunks as that
+    allows, split evenly (multiples of 8): 2304 slots with chunk 2048 are two chunks of 1152,
+    not 2048 and a last one mostly padding."""
+    if not 0 < chunk < r:
+        return r
+    count = -(-r // chunk)
+    return min(chunk, 8 * -(-r // (8 * count)))
+
+
 def _rows_forward(
     x: jax.Array,
     rows: jax.Array,
@@ -310,7 +320,7 @@ def _rows_forward(
     n = x.shape[0]
     xc, m, cov, rstd, a, wf, c = _folded_stats(x, w1, scale, shift, eps)
     xr = xc[jnp.minimum(rows, n - 1)]
-    k = chunk if 0 < chunk < rows.shape[0] else rows.shape[0]
+    k = _slot_chunk(rows.shape[0], chunk)
 
     def body(_: None, xk: jax.Array) -> tuple[None, jax.Array]:
         return None, jax.nn.relu(xk @ wf + c) @ w2
@@ -342,7 +352,7 @@ def _cell_mlp_rows_bwd(eps, chunk, res, g):
     del eps
     xc, _, w1, _, w2, _, _, a, c, rows = res
     n, r = xc.shape[0], rows.shape[0]
-    k = chunk if 0 < chunk < r else r
+    k = _slot_chunk(r, chunk)
     xr = xc[jnp.minimum(rows, n - 1)]
     gr = g.at[rows].get(mode="fill", fill_value=0.0)  # an empty slot: no gradient
     dw2, xdpre, dshift, dxr = _chunks_bwd(xr, gr, w1 * a, c, w2, k)

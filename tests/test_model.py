@@ -340,6 +340,9 @@ def test_fired_capacity_is_far_above_the_binomial_count_and_at_most_all_cells():
     assert mlp.fired_capacity(1024, 0.5) == 768
     assert mlp.fired_capacity(512, 0.5) == 512  # too few cells to save anything
     assert mlp.fired_capacity(4096, 1.0) == 4096
+    # the slots in as few chunks of at most `chunk` as possible, split evenly (multiples of 8)
+    assert (mlp._slot_chunk(2304, 2048), mlp._slot_chunk(768, 160)) == (1152, 160)
+    assert (mlp._slot_chunk(768, 0), mlp._slot_chunk(100, 2048)) == (768, 100)
     assert mlp.resolve_fired(-1, 2048) and not mlp.resolve_fired(-1, 0)
     assert mlp.resolve_fired(1, 0) and not mlp.resolve_fired(0, 2048)
     with pytest.raises(ConfigError, match=r"model.mlp_fired must be -1 \(auto\), 0 or 1"):
@@ -356,7 +359,7 @@ def _fired_case(seed: int = 0):
     return cfg, params, state, fired, cot
 
 
-@pytest.mark.parametrize("chunk", [0, 300])  # all slots at once; chunks, the last one padded
+@pytest.mark.parametrize("chunk", [0, 160])  # all 768 slots at once; 5 x 160, the last padded
 def test_mlp_on_the_fired_cells_equals_every_cell_masked_in_value_and_gradient(chunk):
     """model.mlp_fired (the MLP's matmuls only on the gathered fired rows, the norm's
     statistics on all) is the all-cells rule times the fire mask, in value and gradient; the
