@@ -4,8 +4,9 @@ uses the statistics over all N cells.
 
 Three implementations of one function (tested against the Flax rule's autodiff): `cell_mlp`
 (the norm as written), `cell_mlp_folded` (the norm folded into the first dense layer, the
-default) and `cell_mlp_chunked` (the folded one a chunk of cells at a time). `model.apply_rule`
-picks one from the ModelConfig.
+default) and `cell_mlp_chunked` (the folded one a chunk of cells at a time); and
+`cell_mlp_rows`, the folded one on the cells that fire only (times the fire mask).
+`model.apply_rule` picks one from the ModelConfig.
 """
 
 from __future__ import annotations

@@ -102,8 +102,8 @@ def apply_rule(
     """UpdateRule's function with the fast backward: state (B, H, W, C) -> update (B, H, W, C).
 
     Same parameters and same values as `update_rule(cfg).apply` (to float rounding). Given the
-    step's fire mask fired (B, H, W, 1), the update is computed only where it is 1 (0 elsewhere)
-    if cfg.mlp_fired says so (`mlp.resolve_fired`)."""
+    step's fire mask fired (B, H, W, 1) and cfg.mlp_fired on (`mlp.resolve_fired`), it is the
+    update times fired, the MLP computed only where fired is 1; else every cell's update."""
     if cfg.perceive == "im2col":
         feats = perceive_im2col(level_params["perceive"], state)
     else:
