@@ -71,8 +71,8 @@ class Table1Protocol:
     eval_samples: int = 10  # predictions per test image (a UNet's one is deterministic)
     phone_size: int = 256  # the phone column: batch 1 at this size
     phone_reps: int = 3
-    # LiteRT threads for the trainable files (null: LiteRT's default, which the phone units of
-    # session 12 used; a phone app sets its own)
+    # LiteRT threads for the trainable files (null: LiteRT's default, which the first phone
+    # units used; a phone app sets its own)
     phone_threads: int | None = None
     # LiteRT threads for the inference-only (frozen) files: this CPU's 2 cores (LiteRT's
     # default thread count predicted 1.6x slower here, results/README.md session 9)
