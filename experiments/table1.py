@@ -89,9 +89,9 @@ class Table1Protocol:
             raise ConfigError(f"{where}: unknown site(s) {sorted(bad)} (known: {list(SITES)})")
         if p.budget_minutes <= 0 or p.n_train < 1 or p.validations < 1:
             raise ConfigError(f"{where}: budget_minutes, n_train and validations must be > 0")
-        for name in ("phone_threads", "phone_frozen_threads"):
+        for name in ("phone_threads", "phone_frozen_threads"):  # types: checked on load
             v = getattr(p, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            if v is not None and v < 1:
                 raise ConfigError(f"{where}: {name} must be a whole number >= 1, got {v!r}")
         for n, v in p.models.items():
             variant_config(v, f"{where} [models.{n}]")  # every model's config is valid

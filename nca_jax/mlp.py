@@ -208,6 +208,16 @@ def _row_chunks(x: jax.Array, chunk: int) -> jax.Array:
     return jnp.pad(x, ((0, k * chunk - n), (0, 0))).reshape(k, chunk, f)
 
 
+def _chunks_fwd(xc: jax.Array, wf: jax.Array, c: jax.Array, w2: jax.Array, chunk: int) -> jax.Array:
+    """The folded MLP's forward over rows xc (R, F), `chunk` rows at a time: (R, C)."""
+
+    def body(_: None, xk: jax.Array) -> tuple[None, jax.Array]:
+        return None, jax.nn.relu(xk @ wf + c) @ w2
+
+    out = jax.lax.scan(body, None, _row_chunks(xc, chunk))[1]
+    return out.reshape(-1, w2.shape[1])[: xc.shape[0]]
+
+
 def _chunked_forward(
     x: jax.Array,
     w1: jax.Array,
@@ -220,12 +230,7 @@ def _chunked_forward(
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     del b1
     xc, m, cov, rstd, a, wf, c = _folded_stats(x, w1, scale, shift, eps)
-
-    def body(_: None, xk: jax.Array) -> tuple[None, jax.Array]:
-        return None, jax.nn.relu(xk @ wf + c) @ w2
-
-    out = jax.lax.scan(body, None, _row_chunks(xc, chunk))[1]
-    return out.reshape(-1, w2.shape[1])[: x.shape[0]], (xc, m, w1, scale, w2, cov, rstd, a, c)
+    return _chunks_fwd(xc, wf, c, w2, chunk), (xc, m, w1, scale, w2, cov, rstd, a, c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -321,13 +326,8 @@ def _rows_forward(
     n = x.shape[0]
     xc, m, cov, rstd, a, wf, c = _folded_stats(x, w1, scale, shift, eps)
     xr = xc[jnp.minimum(rows, n - 1)]
-    k = _slot_chunk(rows.shape[0], chunk)
-
-    def body(_: None, xk: jax.Array) -> tuple[None, jax.Array]:
-        return None, jax.nn.relu(xk @ wf + c) @ w2
-
-    out = jax.lax.scan(body, None, _row_chunks(xr, k))[1].reshape(-1, w2.shape[1])
-    out = jnp.zeros((n, w2.shape[1]), x.dtype).at[rows].set(out[: rows.shape[0]], mode="drop")
+    out = _chunks_fwd(xr, wf, c, w2, _slot_chunk(rows.shape[0], chunk))
+    out = jnp.zeros((n, w2.shape[1]), x.dtype).at[rows].set(out, mode="drop")
     return out, (xc, m, w1, scale, w2, cov, rstd, a, c, rows)
 
 
