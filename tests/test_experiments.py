@@ -990,3 +990,22 @@ def test_record_train_share_adds_train_pys_share_to_an_older_run(tmp_path, tiny_
         record_share(run, data, splits, "shenzhen", "shenzhen_val")
     with pytest.raises(RunError, match="run.json: missing"):
         record_share(tmp_path / "nothing", data, splits, "shenzhen", "shenzhen_train")
+
+
+def test_litert_infer_chunks_prototype_computes_the_scans_mlp():
+    """The written-out blocks of the LiteRT prototype (results/README.md, session 27) give the
+    library's chunked forward exactly, with a last block shorter than the others and with more
+    than four blocks (the concatenation in groups)."""
+    import jax
+
+    from experiments.prototypes.litert_infer_chunks import unrolled_chunks_fwd
+    from nca_jax import mlp
+
+    k = jax.random.split(jax.random.key(0), 4)
+    xc, wf = jax.random.normal(k[0], (300, 6)), jax.random.normal(k[1], (6, 8))
+    c, w2 = jax.random.normal(k[2], (8,)), jax.random.normal(k[3], (8, 3))
+    for chunk in (32, 128, 300):
+        got = unrolled_chunks_fwd(xc, wf, c, w2, chunk)
+        ref = mlp._chunks_fwd(xc, wf, c, w2, chunk)
+        assert got.shape == (300, 3)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-5)
