@@ -1009,3 +1009,28 @@ def test_litert_infer_chunks_prototype_computes_the_scans_mlp():
         ref = mlp._chunks_fwd(xc, wf, c, w2, chunk)
         assert got.shape == (300, 3)
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-5)
+
+
+def test_litert_infer_fired_prototype_equals_the_librarys_fired_mlp():
+    """The prototype's fired-rows MLP in LiteRT-friendly ops (results/README.md, session 27) is
+    the library's MLP times the fire mask (a Bernoulli(0.5) mask, fewer than the slots), and the
+    plain MLP without a mask."""
+    import jax
+
+    from experiments.prototypes.litert_infer_fired import slots_only_mlp
+    from nca_jax import mlp
+
+    k = jax.random.split(jax.random.key(0), 5)
+    n = 2048
+    x = jax.random.normal(k[0], (n, 6)) + 3.0
+    w1, w2 = jax.random.normal(k[1], (6, 8)), jax.random.normal(k[2], (8, 3))
+    scale, shift = jax.random.uniform(k[3], (8,)) + 0.5, jax.random.normal(k[4], (8,))
+    fired = jax.random.bernoulli(jax.random.key(1), 0.5, (n,)).astype(np.float32)
+    assert mlp.fired_capacity(n, 0.5) < n  # the slots are used
+    every = mlp.cell_mlp_folded(x, w1, 0.0, scale, shift, w2, 1e-5)
+    got = slots_only_mlp(x, w1, 0.0, scale, shift, w2, 1e-5, chunk=0, fired=fired)
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(every * fired[:, None]), rtol=1e-5, atol=1e-5
+    )
+    got = slots_only_mlp(x, w1, 0.0, scale, shift, w2, 1e-5, chunk=0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(every), rtol=1e-6)
