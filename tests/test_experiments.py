@@ -1013,9 +1013,10 @@ def test_litert_infer_chunks_prototype_computes_the_scans_mlp():
 
 def test_litert_infer_fired_prototype_equals_the_librarys_fired_mlp():
     """The prototype's fired-rows MLP in LiteRT-friendly ops (results/README.md, session 27) is
-    the library's MLP times the fire mask (a Bernoulli(0.5) mask, fewer than the slots), and the
-    plain MLP without a mask."""
+    the library's MLP times the fire mask (a Bernoulli(0.5) mask, fewer than the slots), with
+    the library's gradients, and the plain MLP without a mask."""
     import jax
+    import jax.numpy as jnp
 
     from experiments.prototypes.litert_infer_fired import slots_only_mlp
     from nca_jax import mlp
@@ -1034,3 +1035,15 @@ def test_litert_infer_fired_prototype_equals_the_librarys_fired_mlp():
     )
     got = slots_only_mlp(x, w1, 0.0, scale, shift, w2, 1e-5, chunk=0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(every), rtol=1e-6)
+    # its backward: the gradients of the library's fired path (gathered rows, chunks of 256)
+    t = jax.random.normal(jax.random.key(2), (n, 3))
+
+    def loss(f, x, w1, scale, shift, w2):
+        out = f(x, w1, jnp.zeros(8), scale, shift, w2, 1e-5, chunk=256, fired=fired)
+        return jnp.sum(jnp.tanh(out) * t)
+
+    args = (x, w1, scale, shift, w2)
+    want = jax.grad(lambda *a: loss(mlp.folded_mlp, *a), argnums=range(5))(*args)
+    have = jax.grad(lambda *a: loss(slots_only_mlp, *a), argnums=range(5))(*args)
+    for h, w in zip(have, want, strict=True):
+        np.testing.assert_allclose(np.asarray(h), np.asarray(w), rtol=2e-4, atol=2e-4)
