@@ -320,10 +320,14 @@ class _Draws:
     def draw(self, kind: str) -> Any:
         import tensorflow as tf
 
-        u = self._uniform(self.shapes[kind])
+        shape = self.shapes[kind]
         if kind == "yx":
+            u = self._uniform(shape)
             return tf.minimum(tf.cast(tf.floor(u * self.n_corner), tf.int32), self.n_corner - 1)
-        return tf.cast(u < self.mc.fire_rate, tf.float32)
+        # drawn as 4-D (steps * B, H, W, 1): LiteRT's LESS broadcasts the scalar rate itself up
+        # to 4-D, where on the 5-D masks the converter adds a single-threaded BROADCAST_TO
+        u = self._uniform((shape[0] * shape[1], *shape[2:]))
+        return tf.reshape(tf.cast(u < self.mc.fire_rate, tf.float32), shape)
 
 
 def _module_class() -> type:

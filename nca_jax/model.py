@@ -96,12 +96,20 @@ def perceive_im2col(perceive_params: Params, state: jax.Array) -> jax.Array:
     return jnp.concatenate([state, p], axis=-1)
 
 
+def _update_channels(cfg: ModelConfig) -> jax.Array:
+    """(C,) 0 for channel 0 (the image, which no step changes), 1 for the others: the update
+    times it is 0 in channel 0, so a step keeps the image there without slicing it back in."""
+    return (jnp.arange(cfg.channels) > 0).astype(jnp.float32)
+
+
 def apply_rule(
     level_params: Params, state: jax.Array, cfg: ModelConfig, fired: jax.Array | None = None
 ) -> jax.Array:
-    """UpdateRule's function with the fast backward: state (B, H, W, C) -> update (B, H, W, C).
+    """UpdateRule's function with the fast backward, channel 0's update zeroed (as a step
+    uses it): state (B, H, W, C) -> update (B, H, W, C).
 
-    Same parameters and same values as `update_rule(cfg).apply` (to float rounding). Given the
+    Same parameters and same values as `update_rule(cfg).apply(...) * _update_channels(cfg)`
+    (to float rounding); the zeroing is folded into dense_out's kernel. Given the
     step's fire mask fired (B, H, W, 1) and cfg.mlp_fired on (`mlp.resolve_fired`), it is the
     update times fired, the MLP computed only where fired is 1; else every cell's update."""
     if cfg.perceive == "im2col":
@@ -116,7 +124,7 @@ def apply_rule(
         p["dense_in"]["bias"],
         p["norm"]["scale"],
         p["norm"]["bias"],
-        p["dense_out"]["kernel"],
+        p["dense_out"]["kernel"] * _update_channels(cfg),
         cfg.bn_eps,
     )
     if cfg.fold_norm:
@@ -163,16 +171,16 @@ def fire_mask(key: jax.Array, shape: tuple[int, int, int], rate: float) -> jax.A
 def nca_step(
     level_params: Params,
     state: jax.Array,
-    image: jax.Array,
     *,
     cfg: ModelConfig,
     key: jax.Array | None = None,
     mask: jax.Array | None = None,
 ) -> jax.Array:
-    """One stochastic NCA step: state (B, H, W, C), image (B, H, W, 1) -> new state (B, H, W, C).
+    """One stochastic NCA step: state (B, H, W, C) -> new state (B, H, W, C).
 
-    Exactly one of `key` (a PRNG key; the fire mask is drawn from it) or `mask` (a given fire
-    mask (B, H, W, 1) of 0/1) must be passed: randomness is never implicit.
+    Channel 0 of the state is the image: the update is 0 there (`_update_channels`), so every
+    step keeps it. Exactly one of `key` (a PRNG key; the fire mask is drawn from it) or `mask`
+    (a given fire mask (B, H, W, 1) of 0/1) must be passed: randomness is never implicit.
     """
     if (key is None) == (mask is None):
         raise TypeError("nca_step needs exactly one of key= (a PRNG key) or mask= (a fire mask)")
@@ -181,9 +189,8 @@ def nca_step(
     if cfg.fast_backward:
         delta = apply_rule(level_params, state, cfg, fired=mask)
     else:
-        delta = update_rule(cfg).apply({"params": level_params}, state)
-    new = state + delta * mask
-    return jnp.concatenate([image, new[..., 1:]], axis=-1)
+        delta = update_rule(cfg).apply({"params": level_params}, state) * _update_channels(cfg)
+    return state + delta * mask
 
 
 def step_keys(key: jax.Array, steps: int) -> jax.Array:
@@ -194,7 +201,6 @@ def step_keys(key: jax.Array, steps: int) -> jax.Array:
 def rollout(
     level_params: Params,
     state: jax.Array,
-    image: jax.Array,
     *,
     cfg: ModelConfig,
     key: jax.Array | None = None,
@@ -218,8 +224,8 @@ def rollout(
 
     def body(s: jax.Array, x: jax.Array) -> tuple[jax.Array, None]:
         if use_key:
-            return nca_step(level_params, s, image, cfg=cfg, key=x), None
-        return nca_step(level_params, s, image, cfg=cfg, mask=x), None
+            return nca_step(level_params, s, cfg=cfg, key=x), None
+        return nca_step(level_params, s, cfg=cfg, mask=x), None
 
     if unroll == "python":
         for i in range(cfg.steps):
@@ -230,13 +236,13 @@ def rollout(
 
 
 def rollout_history(
-    level_params: Params, state: jax.Array, image: jax.Array, *, cfg: ModelConfig, key: jax.Array
+    level_params: Params, state: jax.Array, *, cfg: ModelConfig, key: jax.Array
 ) -> jax.Array:
     """rollout(key=key) keeping every step: state (B, H, W, C) -> (steps, B, H, W, C), the state
     after each step (the last one is rollout's result; same keys, same draws)."""
 
     def body(s: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-        new = nca_step(level_params, s, image, cfg=cfg, key=k)
+        new = nca_step(level_params, s, cfg=cfg, key=k)
         return new, new
 
     return jax.lax.scan(body, state, step_keys(key, cfg.steps))[1]
@@ -264,8 +270,15 @@ def downscale(image: jax.Array, factor: int) -> jax.Array:
 
 
 def upscale(state: jax.Array, factor: int) -> jax.Array:
-    """Nearest-neighbour upsampling: (B, h, w, C) -> (B, h*f, w*f, C)."""
-    return jnp.repeat(jnp.repeat(state, factor, axis=1), factor, axis=2)
+    """Nearest-neighbour upsampling: (B, h, w, C) -> (B, h*f, w*f, C).
+
+    Written as two concatenations of `factor` copies (`jnp.repeat`'s values): LiteRT's XNNPACK
+    delegate runs a CONCATENATION, while a repeat converts to a BROADCAST_TO that LiteRT runs
+    on its single-threaded reference kernel."""
+    b, h, w, c = state.shape
+    rows = jnp.concatenate([state[:, :, None]] * factor, axis=2).reshape(b, h * factor, w, c)
+    cols = jnp.concatenate([rows[:, :, :, None]] * factor, axis=3)
+    return cols.reshape(b, h * factor, w * factor, c)
 
 
 def seed_state(image: jax.Array, channels: int) -> jax.Array:
@@ -326,9 +339,7 @@ def _level1_to_full(
 ) -> jax.Array:
     """Level 1 on the downscaled image, upsampled: (B, H, W, 1) -> full-res state (B, H, W, C)."""
     low = downscale(image, cfg.downscale)
-    s = rollout(
-        params["level1"], seed_state(low, cfg.channels), low, cfg=cfg, unroll=unroll, **rand
-    )
+    s = rollout(params["level1"], seed_state(low, cfg.channels), cfg=cfg, unroll=unroll, **rand)
     up = upscale(s, cfg.downscale)
     return jnp.concatenate([image, up[..., 1:]], axis=-1)
 
@@ -356,7 +367,7 @@ def predict_state(
     else:
         r1, r2 = {"masks": randomness.masks1}, {"masks": randomness.masks2}
     state = _level1_to_full(params, image, cfg, unroll, **r1)
-    return rollout(params["level2"], state, image, cfg=cfg, unroll=unroll, **r2)
+    return rollout(params["level2"], state, cfg=cfg, unroll=unroll, **r2)
 
 
 def predict_history(
@@ -368,10 +379,10 @@ def predict_history(
     image = as_nhwc(image)
     low = downscale(image, cfg.downscale)
     k1, k2 = jax.random.fold_in(key, LEVEL_KEY), jax.random.fold_in(key, LEVEL2_KEY)
-    h1 = rollout_history(params["level1"], seed_state(low, cfg.channels), low, cfg=cfg, key=k1)
+    h1 = rollout_history(params["level1"], seed_state(low, cfg.channels), cfg=cfg, key=k1)
     up = upscale(h1[-1], cfg.downscale)
     state = jnp.concatenate([image, up[..., 1:]], axis=-1)
-    h2 = rollout_history(params["level2"], state, image, cfg=cfg, key=k2)
+    h2 = rollout_history(params["level2"], state, cfg=cfg, key=k2)
     f = cfg.downscale
     lung1 = jnp.repeat(jnp.repeat(h1[..., 1], f, axis=2), f, axis=3)
     return lung1, h2[..., 1]
@@ -419,9 +430,8 @@ def train_logits(
         r1, r2 = {"masks": randomness.masks1}, {"masks": randomness.masks2}
     state = _level1_to_full(params, image, cfg, unroll, **r1)
     state_p = crop_patches(state, yx, cfg.patch)
-    image_p = state_p[..., :1]
     mask_p = crop_patches(mask, yx, cfg.patch)
-    out = rollout(params["level2"], state_p, image_p, cfg=cfg, unroll=unroll, **r2)
+    out = rollout(params["level2"], state_p, cfg=cfg, unroll=unroll, **r2)
     if level1:
         return out[..., 1], mask_p, state[..., 1]
     return out[..., 1], mask_p

@@ -103,14 +103,14 @@ def vwsl_terms(
     image = as_nhwc(images)
     low = downscale(image, cfg.downscale)
     seed = seed_state(low, cfg.channels)
-    s1a = rollout(params["level1"], seed, low, cfg=cfg, unroll=unroll, **r[0])
-    s1b = rollout(params["level1"], seed, low, cfg=cfg, unroll=unroll, **r[1])
+    s1a = rollout(params["level1"], seed, cfg=cfg, unroll=unroll, **r[0])
+    s1b = rollout(params["level1"], seed, cfg=cfg, unroll=unroll, **r[1])
     full = jnp.concatenate([image, upscale(s1a, cfg.downscale)[..., 1:]], axis=-1)
     patch = crop_patches(full, patch_yx, cfg.patch)
     tgt = crop_patches(targets, patch_yx, cfg.patch)
     w = crop_patches(weights, patch_yx, cfg.patch)
-    o2a = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=unroll, **r[2])
-    o2b = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=unroll, **r[3])
+    o2a = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, **r[2])
+    o2b = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, **r[3])
     return {
         "seg": segmentation_loss(o2a[..., 1], tgt, w, kind=loss, focal_gamma=focal_gamma),
         "cons1": l1_sigmoid(s1a[..., 1], s1b[..., 1]),
@@ -180,8 +180,8 @@ def entropy_terms(
     image = as_nhwc(images)
     full = _level1_to_full(params, image, cfg, unroll, key=keys[0])
     patch = crop_patches(full, patch_yx, cfg.patch)
-    oa = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=unroll, key=keys[1])
-    ob = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=unroll, key=keys[2])
+    oa = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, key=keys[1])
+    ob = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, key=keys[2])
     mean = 0.5 * (jax.nn.sigmoid(oa[..., 1]) + jax.nn.sigmoid(ob[..., 1]))
     return {"entropy": binary_entropy(mean)}
 
@@ -213,7 +213,7 @@ def finetune_loss(
         image = as_nhwc(images)
         full = _level1_to_full(params, image, cfg, cfg.unroll, key=k[0])
         patch = crop_patches(full, yx, cfg.patch)
-        o2 = rollout(params["level2"], patch, patch[..., :1], cfg=cfg, unroll=cfg.unroll, key=k[1])
+        o2 = rollout(params["level2"], patch, cfg=cfg, unroll=cfg.unroll, key=k[1])
         seg = segmentation_loss(
             o2[..., 1],
             crop_patches(targets, yx, cfg.patch),

@@ -35,7 +35,6 @@ def test_history_ends_where_the_prediction_ends():
     s1 = m.rollout(
         params["level1"],
         m.seed_state(low, cfg.channels),
-        low,
         cfg=cfg,
         key=jax.random.fold_in(key, m.LEVEL_KEY),
     )

@@ -119,7 +119,7 @@ def losses(cfg: ModelConfig) -> tuple[Callable, Callable]:
     roll = make_rollout(cfg)
 
     def ref(p, s, i, m, t):
-        return jnp.sum(jnp.tanh(rollout(p, s, i, cfg=cfg, masks=m, unroll=True)) * t)
+        return jnp.sum(jnp.tanh(rollout(p, s, cfg=cfg, masks=m, unroll=True)) * t)
 
     def new(p, s, i, m, t):
         return jnp.sum(jnp.tanh(roll(p, s, i, m)) * t)
