@@ -65,6 +65,11 @@ def test_bench_smoke(tmp_path):
     assert d["variance10_gflops"] == pytest.approx(flop10 / d["variance10_s"] / 1e9)
     assert d["variance10_vmap_gflops"] == pytest.approx(flop10 / d["variance10_vmap_s"] / 1e9)
     assert d["variance10_fraction_of_matmul"] == d["variance10_gflops"] / d["matmul_gflops"]
+    # the shares are of the higher of the two matmul readings (before and after the timings)
+    assert d["matmul_gflops"] == max(d["matmul_gflops_start"], d["matmul_gflops_end"]) > 0
+    b2 = d["per_batch"]["2"]
+    assert b2["train_fraction_of_matmul"] == b2["train_gflops"] / d["matmul_gflops"]
+    assert d["train_fraction_of_matmul"] == d["train_gflops"] / d["matmul_gflops"]
 
 
 def test_timeit_interleaved_alternates_the_calls():
