@@ -46,7 +46,9 @@ def main() -> None:
     out: dict[str, dict[str, float]] = {"matmul_gflops": {"start": b1.matmul_gflops()}}
     for case in a.cases:
         size, steps, batch = (int(x) for x in case.split(":"))
-        m0, m1 = c0.ModelConfig(steps=steps), c1.ModelConfig(steps=steps)
+        # the bench's model: patch = size / 4
+        m0 = c0.ModelConfig(steps=steps, patch=size // 4)
+        m1 = c1.ModelConfig(steps=steps, patch=size // 4)
         runs = {
             f"train_{size}px_{steps}steps_b{batch}": (
                 b0.train_runner(m0, size, batch),
