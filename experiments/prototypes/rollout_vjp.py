@@ -28,41 +28,41 @@ from nca_jax.model import Params, Perceive, init_params, rollout
 
 
 def make_rollout(cfg: ModelConfig) -> Callable[..., jax.Array]:
-    """roll(level_params, state (B,H,W,C), image (B,H,W,1), masks (steps,B,H,W,1)) -> state,
-    the same function as model.rollout(masks=...), with the batched-weight-gradient VJP."""
+    """roll(level_params, state (B,H,W,C), masks (steps,B,H,W,1)) -> state, the same function
+    as model.rollout(masks=...), with the batched-weight-gradient VJP. Channel 0 (the image)
+    gets no update, as in the library since session 30 (it was sliced back in before)."""
     c, eps = cfg.channels, cfg.bn_eps
+    keep = (jnp.arange(c) > 0).astype(jnp.float32)
 
     def perc(pp: Params, s: jax.Array) -> jax.Array:
         return Perceive(c).apply({"params": pp}, s)
 
-    def step(p: Params, s: jax.Array, image: jax.Array, m: jax.Array):
+    def step(p: Params, s: jax.Array, m: jax.Array):
         f = perc(p["perceive"], s)
         b, h, w, nf = f.shape
         mlp = (p["dense_in"]["kernel"], p["dense_in"]["bias"], p["norm"]["scale"])
         out, (x, _, _, _, _, xhat, rstd) = _mlp_forward(
             f.reshape(-1, nf), *mlp, p["norm"]["bias"], p["dense_out"]["kernel"], eps
         )
-        new = s + out.reshape(b, h, w, c) * m
-        return jnp.concatenate([image, new[..., 1:]], -1), (s, x, xhat, rstd)
+        return s + out.reshape(b, h, w, c) * keep * m, (s, x, xhat, rstd)
 
     @jax.custom_vjp
-    def roll(p: Params, s: jax.Array, image: jax.Array, masks: jax.Array) -> jax.Array:
+    def roll(p: Params, s: jax.Array, masks: jax.Array) -> jax.Array:
         for t in range(masks.shape[0]):
-            s, _ = step(p, s, image, masks[t])
+            s, _ = step(p, s, masks[t])
         return s
 
-    def fwd(p, s, image, masks):
+    def fwd(p, s, masks):
         res = []
         for t in range(masks.shape[0]):
-            s, r = step(p, s, image, masks[t])
+            s, r = step(p, s, masks[t])
             res.append(r)
-        return s, (p, image, masks, res)
+        return s, (p, masks, res)
 
     def bwd(saved, g):
-        p, image, masks, res = saved
+        p, masks, res = saved
         w1, w2 = p["dense_in"]["kernel"], p["dense_out"]["kernel"]
         sc, sh = p["norm"]["scale"], p["norm"]["bias"]
-        g_img = jnp.zeros_like(image)
         dscale, dshift = jnp.zeros_like(sc), jnp.zeros_like(sh)
         db1 = jnp.zeros_like(p["dense_in"]["bias"])
         g_perc = jax.tree_util.tree_map(jnp.zeros_like, p["perceive"])
@@ -71,9 +71,7 @@ def make_rollout(cfg: ModelConfig) -> Callable[..., jax.Array]:
             s, x, xhat, rstd = res[t]
             b, h, w, _ = s.shape
             n = x.shape[0]
-            g_img = g_img + g[..., :1]
-            g_new = g.at[..., 0].set(0.0)  # channel 0 is the image, not the update
-            gd = (g_new * masks[t]).reshape(n, c)
+            gd = (g * keep * masks[t]).reshape(n, c)  # channel 0 (the image) has no update
             pre = xhat * sc + sh
             dn = jnp.where(pre > 0, gd @ w2.T, 0.0)
             ds, dsh = jnp.sum(dn * xhat, 0), jnp.sum(dn, 0)
@@ -86,22 +84,22 @@ def make_rollout(cfg: ModelConfig) -> Callable[..., jax.Array]:
             _, pullback = jax.vjp(perc, p["perceive"], s)
             gp, gs = pullback((dh @ w1.T).reshape(b, h, w, 3 * c))
             g_perc = jax.tree_util.tree_map(jnp.add, g_perc, gp)
-            g = g_new + gs
+            g = g + gs
         grads = {
             "perceive": g_perc,
             "dense_in": {"kernel": jnp.concatenate(xs).T @ jnp.concatenate(dhs), "bias": db1},
             "norm": {"scale": dscale, "bias": dshift},
             "dense_out": {"kernel": jnp.concatenate(acts).T @ jnp.concatenate(gds)},
         }
-        return grads, g, g_img, jnp.zeros_like(masks)
+        return grads, g, jnp.zeros_like(masks)
 
     roll.defvjp(fwd, bwd)
     return roll
 
 
 def problem(cfg: ModelConfig, batch: int, size: int, seed: int = 0) -> tuple[Any, ...]:
-    """Level-2 parameters with a non-zero output layer, a state, an image, fire masks and a
-    cotangent target: (params, state, image, masks, target)."""
+    """Level-2 parameters with a non-zero output layer, a state (channel 0 an image), fire
+    masks and a cotangent target: (params, state, masks, target)."""
     rng = np.random.default_rng(seed)
     p = init_params(cfg, key=jax.random.key(seed))["level2"]
     shape = p["dense_out"]["kernel"].shape
@@ -111,18 +109,18 @@ def problem(cfg: ModelConfig, batch: int, size: int, seed: int = 0) -> tuple[Any
     s0 = jnp.concatenate([img, jnp.asarray(rest)], -1)
     m = (rng.uniform(size=(cfg.steps, batch, size, size, 1)) < 0.5).astype(np.float32)
     tgt = rng.normal(size=(batch, size, size, cfg.channels)).astype(np.float32)
-    return p, s0, img, jnp.asarray(m), jnp.asarray(tgt)
+    return p, s0, jnp.asarray(m), jnp.asarray(tgt)
 
 
 def losses(cfg: ModelConfig) -> tuple[Callable, Callable]:
     """(reference loss through model.rollout, the same loss through the prototype)."""
     roll = make_rollout(cfg)
 
-    def ref(p, s, i, m, t):
+    def ref(p, s, m, t):
         return jnp.sum(jnp.tanh(rollout(p, s, cfg=cfg, masks=m, unroll=True)) * t)
 
-    def new(p, s, i, m, t):
-        return jnp.sum(jnp.tanh(roll(p, s, i, m)) * t)
+    def new(p, s, m, t):
+        return jnp.sum(jnp.tanh(roll(p, s, m)) * t)
 
     return ref, new
 
