@@ -384,8 +384,12 @@ def bench_tflite_interleaved(
     return {p: {sig: statistics.median(ts[i, sig]) for sig in calls} for i, p in enumerate(paths)}
 
 
-def run_peer(src: str, python: str, batch: int, size: int, steps: int) -> dict[str, Any]:
-    cmd = [
+def peer_command(
+    src: str, python: str, batch: int, size: int, steps: int, reps: int = 1
+) -> list[str]:
+    """The command that times the authors' code (../shared/peer/torch_mednca_bench.py): one
+    warm-up call, then the median of `reps` calls of a training step and of the variance."""
+    return [
         python,
         "-W",
         "ignore",
@@ -398,8 +402,14 @@ def run_peer(src: str, python: str, batch: int, size: int, steps: int) -> dict[s
         "--steps",
         str(steps),
         "--reps",
-        "1",
+        str(reps),
     ]
+
+
+def run_peer(
+    src: str, python: str, batch: int, size: int, steps: int, reps: int = 1
+) -> dict[str, Any]:
+    cmd = peer_command(src, python, batch, size, steps, reps)
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -444,6 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", help="folder holding the authors' src/ (see ../shared/peer/README.md)")
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument(
+        "--peer-reps",
+        type=int,
+        default=1,
+        help="timed calls of the authors' code after its warm-up (median; default 1: a 256-px "
+        "batch-16 step takes 40-50 s there). Small sizes need more, as --reps does for ours",
+    )
+    p.add_argument(
         "--tflite",
         nargs="+",
         help="a .tflite file from export_tflite.py: time its signatures against JAX; with "
@@ -476,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": a.steps,
         "level1_loss_weight": a.level1_loss,
         "batches": a.batch,
+        "reps": a.reps,
+        "peer_reps": a.peer_reps if a.peer else None,
         "flop_per_cell_step": flop_per_cell_step(mc),
     }
     if a.tflite_only and any(getattr(a, flag) for flag in COMPARISONS):
@@ -555,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if a.peer:
         for b in [] if a.tflite_only else a.batch:
-            peer = run_peer(a.peer, a.peer_python, b, a.size, a.steps)
+            peer = run_peer(a.peer, a.peer_python, b, a.size, a.steps, a.peer_reps)
             per_batch[str(b)]["peer_train_step_s"] = peer["train_step_s"]
             per_batch[str(b)]["speedup_train"] = (
                 peer["train_step_s"] / per_batch[str(b)]["train_step_s"]

@@ -119,3 +119,12 @@ def test_the_jax_twin_of_a_file_trains_with_the_files_loss_at_its_batch_and_size
     assert bench.twin_config(unet.to_dict(), 1, 32, "u.tflite").train.loss == "dice_focal"
     with pytest.raises(ConfigError, match=r"x.tflite \(its config\).*model.kind"):
         bench.twin_config({**src.to_dict(), "model": {"kind": "gan"}}, 2, 32, "x.tflite")
+
+
+def test_peer_command_times_the_asked_number_of_calls():
+    """--peer-reps reaches the authors' script: their median is over that many calls."""
+    cmd = bench.peer_command("/src", "/py", batch=4, size=128, steps=20, reps=9)
+    assert cmd[:2] == ["/py", "-W"] and cmd[4] == "/src"
+    args = dict(zip(cmd[5::2], cmd[6::2], strict=True))
+    assert args == {"--batch": "4", "--size": "128", "--steps": "20", "--reps": "9"}
+    assert bench.peer_command("/src", "/py", 1, 32, 2)[-1] == "1"  # the default: one call
