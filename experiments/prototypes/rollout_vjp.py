@@ -24,7 +24,7 @@ import numpy as np
 
 from nca_jax.config import ModelConfig
 from nca_jax.mlp import _mlp_forward
-from nca_jax.model import Params, Perceive, init_params, rollout
+from nca_jax.model import Params, Perceive, _update_channels, init_params, rollout
 
 
 def make_rollout(cfg: ModelConfig) -> Callable[..., jax.Array]:
@@ -32,7 +32,7 @@ def make_rollout(cfg: ModelConfig) -> Callable[..., jax.Array]:
     as model.rollout(masks=...), with the batched-weight-gradient VJP. Channel 0 (the image)
     gets no update, as in the library since session 30 (it was sliced back in before)."""
     c, eps = cfg.channels, cfg.bn_eps
-    keep = (jnp.arange(c) > 0).astype(jnp.float32)
+    keep = _update_channels(cfg)
 
     def perc(pp: Params, s: jax.Array) -> jax.Array:
         return Perceive(c).apply({"params": pp}, s)
