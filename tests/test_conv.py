@@ -40,6 +40,26 @@ def test_conv3x3_columns_is_the_convolution_in_value_and_gradient(pad_mode):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_conv3x3_columns_without_a_bias_is_the_convolution_with_zero_bias():
+    x = jax.random.normal(jax.random.key(3), (1, 4, 6, 2))
+    kernel = jax.random.normal(jax.random.key(4), (3, 3, 2, 3))
+    got = conv.conv3x3_columns(x, kernel, None, pad_mode="reflect")
+    np.testing.assert_allclose(got, _lax_conv(x, kernel, 0.0, "reflect"), rtol=1e-5, atol=1e-5)
+
+
+def test_row_blocks_sum_equals_the_three_slices_in_value_and_gradient_exactly():
+    # the depthwise convolution adds the same three numbers per output as the slices do
+    z = jax.random.normal(jax.random.key(5), (2, 7, 5, 12))  # B, H+2, W, 3C with C = 4
+    g = jax.random.normal(jax.random.key(6), (2, 5, 5, 4))
+    got = conv.row_blocks_sum(z)
+    want = z[:, 0:5, :, 0:4] + z[:, 1:6, :, 4:8] + z[:, 2:7, :, 8:12]
+    assert got.shape == (2, 5, 5, 4)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(
+        jax.vjp(conv.row_blocks_sum, z)[1](g)[0], jax.vjp(conv._row_blocks_sum_ref, z)[1](g)[0]
+    )
+
+
 def test_conv3x3_columns_on_a_tiny_input_by_hand():
     """One channel, a 1 x 2 image, zero padding: each output is its 3x3 window times the
     kernel, written out."""

@@ -45,8 +45,12 @@ def test_file_has_the_signatures_and_no_flex_ops(exported):
     assert not [o for o in ops if o.startswith("Flex") or o == "CUSTOM"]
     assert "RANDOM_UNIFORM" in ops and "ASSIGN_VARIABLE" in ops
     # perception as one matmul: LiteRT's XNNPACK delegate would leave a CONV_2D (or the
-    # DEPTHWISE_CONV_2D of its kernel gradient) with variable weights to a slower kernel
-    assert not {"CONV_2D", "DEPTHWISE_CONV_2D"} & set(ops)
+    # DEPTHWISE_CONV_2D of its kernel gradient) with variable weights to a slower kernel. The
+    # one convolution left, the depthwise sum of the product's row blocks
+    # (conv.row_blocks_sum), has a constant filter, which the delegate takes.
+    assert "CONV_2D" not in ops
+    filters = _conv_filters(exported["path"].read_bytes())
+    assert filters and all(constant for name, constant in filters)
     # the backward's matmuls by transposed weights stay BATCH_MATMULs (mlp.transposed): the
     # converter would fold them into FULLY_CONNECTED ops with computed weights, which the
     # delegate leaves to LiteRT's single-threaded kernel
@@ -55,6 +59,20 @@ def test_file_has_the_signatures_and_no_flex_ops(exported):
     side = json.loads(ex.sidecar(exported["path"]).read_text())
     assert side["spec"]["size"] == 32 and side["bytes"] == exported["path"].stat().st_size
     assert side["perceive"] == "im2col"  # what "auto" chose for a trainable file
+
+
+def _conv_filters(model: bytes) -> list[tuple[str, bool]]:
+    """(op name, whether its filter is a constant: a buffer with data in the file) for every
+    CONV_2D and DEPTHWISE_CONV_2D op of a .tflite file."""
+    from tensorflow.lite.python import schema_py_generated as fb
+
+    m = fb.Model.GetRootAsModel(bytearray(model), 0)
+    out = []
+    for _, name, op, g in ex.operators(model):
+        if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            buf = m.Buffers(g.Tensors(op.Inputs(1)).Buffer())
+            out.append((name, buf.DataLength() > 0 or buf.Offset() > 0))
+    return out
 
 
 def _most_concatenated(model: bytes) -> int:
@@ -364,7 +382,9 @@ def test_unet_exports_with_builtin_ops_and_its_train_call_is_the_training_step(t
     # convolutions, upsampling and head as matmuls (nca_jax.conv), and the ReLU's gradient
     # without GREATER / SELECT: ops that LiteRT's XNNPACK delegate runs with variable weights
     assert info["perceive"] == "im2col"
-    assert not {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "GREATER"} & set(info["ops"])
+    assert not {"CONV_2D", "FULLY_CONNECTED", "GREATER"} & set(info["ops"])
+    filters = _conv_filters((tmp_path / "unet.tflite").read_bytes())  # conv.row_blocks_sum's
+    assert filters and all(constant for name, constant in filters)
     assert _most_concatenated((tmp_path / "unet.tflite").read_bytes()) <= 5
     assert set(info["signatures"]) == {
         "infer",
