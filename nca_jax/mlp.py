@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def transposed(w: jax.Array) -> jax.Array:
@@ -113,18 +114,30 @@ cell_mlp.defvjp(_mlp_forward, _cell_mlp_bwd)  # the forward already returns the 
 
 
 def _folded_stats(
-    x: jax.Array, w1: jax.Array, scale: jax.Array, shift: jax.Array, eps: float
+    x: jax.Array,
+    w1: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    eps: float,
+    centred: bool = False,
 ) -> tuple[jax.Array, ...]:
     """The folded MLP's part over all N rows x (N, F): the centred rows xc (N, F), the mean m
     (F,) that rounding leaves in them, their covariance (F, F), rstd and a = scale * rstd
     (hidden,), the folded weights w1 * a (F, hidden) and bias c (hidden,): pre = xc @ (w1 * a)
-    + c is the normalised, scaled and shifted pre-activation."""
-    xc = x - jnp.mean(x, axis=0)
+    + c is the normalised, scaled and shifted pre-activation. centred: x is already centred
+    (`centre_rows`), so xc is x itself and m its whole mean (the same function)."""
+    xc = x if centred else x - jnp.mean(x, axis=0)
     m = jnp.mean(xc, axis=0)  # the rounding left in the first mean: small, so exact enough
     cov = (xc.T @ xc) / x.shape[0] - jnp.outer(m, m)
     rstd = jax.lax.rsqrt(jnp.sum((cov @ w1) * w1, axis=0) + eps)
     a = scale * rstd
     return xc, m, cov, rstd, a, w1 * a, shift - (m @ w1) * a
+
+
+def _ones_column(x: jax.Array) -> jax.Array:
+    """x (N, F) -> (N, F + 1), a column of ones appended (a constant of the exported file, not
+    a broadcast that LiteRT would run on its reference kernel)."""
+    return jnp.concatenate([x, jnp.asarray(np.ones((x.shape[0], 1), np.float32), x.dtype)], 1)
 
 
 def _folded_forward(
@@ -135,14 +148,28 @@ def _folded_forward(
     shift: jax.Array,
     w2: jax.Array,
     eps: float,
+    centred: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """`_folded_stats`'s function with a column of ones beside the centred rows, xa (N, F + 1):
+    one product xa^T xa gives the covariance and the mean m (its last row), and the bias c
+    rides in the first matmul as the folded weights' last row, so that no pass over an (N, F)
+    or (N, hidden) array adds it or sums m. XLA writes the ones into the concatenation that
+    made x; in LiteRT's graph they join it too (where x was concatenated in 2-D, as
+    `model.perceive_centred` does), so relu(xa @ [w1 a; c]) is a product and a ReLU."""
     del b1
-    xc, m, cov, rstd, a, wf, c = _folded_stats(x, w1, scale, shift, eps)
-    r = jax.nn.relu(xc @ wf + c)
-    return r @ w2, (xc, m, w1, scale, w2, cov, rstd, a, r)
+    n, f = x.shape
+    xa = _ones_column(x if centred else x - jnp.mean(x, axis=0))
+    gram = (xa.T @ xa) / n
+    m = gram[f, :f]  # the rounding left in the centring: small, so exact enough
+    cov = gram[:f, :f] - jnp.outer(m, m)
+    rstd = jax.lax.rsqrt(jnp.sum((cov @ w1) * w1, axis=0) + eps)
+    a = scale * rstd
+    wfa = jnp.concatenate([w1 * a, (shift - (m @ w1) * a)[None]], axis=0)
+    r = jax.nn.relu(xa @ wfa)
+    return r @ w2, (xa, m, w1, scale, w2, cov, rstd, a, r)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def cell_mlp_folded(
     x: jax.Array,
     w1: jax.Array,
@@ -151,9 +178,35 @@ def cell_mlp_folded(
     shift: jax.Array,
     w2: jax.Array,
     eps: float,
+    centred: bool = False,
 ) -> jax.Array:
-    """`cell_mlp`'s function (x (N, F) -> (N, C)), computed with the norm folded into w1."""
-    return _folded_forward(x, w1, b1, scale, shift, w2, eps)[0]
+    """`cell_mlp`'s function (x (N, F) -> (N, C)), computed with the norm folded into w1.
+    centred: x's columns have mean 0 already (`centre_rows`; the same function, a pass less)."""
+    return _folded_forward(x, w1, b1, scale, shift, w2, eps, centred)[0]
+
+
+def _stats_grads(
+    xdpre: jax.Array,
+    dshift: jax.Array,
+    n: int,
+    res: tuple[jax.Array, ...],
+) -> tuple[jax.Array, ...]:
+    """The folded MLP's weight gradients from the sums its backward makes over the n rows:
+    xdpre = xc^T @ dpre (F, hidden), dshift = the column sums of dpre (hidden,); res = the
+    forward's (rows, m, w1, scale, w2, cov, rstd, a, ...). -> dw1, dscale, and what the rows'
+    gradient takes: dx = dpre @ (w1 a)^T + xc @ dcov2 - row, with dcov2 (F, F) and row (F,)."""
+    _, m, w1, scale, _, cov, rstd, a = res[:8]
+    dw1a = xdpre - jnp.outer(m, dshift)  # the gradient of the folded weights w1 * a
+    da = jnp.sum(dw1a * w1, axis=0)
+    dvar = da * scale * (-0.5) * rstd**3
+    dcov = (w1 * dvar) @ transposed(w1)
+    dw1 = dw1a * a + 2.0 * (cov @ w1) * dvar
+    # through the centring: the row mean of the rows' gradient comes off (the cov term's is 0).
+    # (2 / n) (xc - m) @ dcov is written xc @ ((2 / n) dcov) less a row, so that no pass over
+    # the (N, F) rows subtracts m or scales: both go into the one (F,) row taken off.
+    dcov2 = (2.0 / n) * dcov
+    row = m @ dcov2 + (dshift @ transposed(w1 * a)) / n
+    return dw1, da * rstd, dcov2, row
 
 
 def _folded_grads(
@@ -167,26 +220,25 @@ def _folded_grads(
     (F, hidden), dshift = the column sums of dpre (hidden,), dx_rows = dpre @ (w1 * a)^T
     (N, F), dw2 (hidden, C); res = the forward's (xc, m, w1, scale, w2, cov, rstd, a, ...).
     -> the gradients of (x, w1, b1, scale, shift, w2)."""
-    xc, m, w1, scale, _, cov, rstd, a = res[:8]  # the centred rows are xc - m
-    n = xc.shape[0]
-    dw1a = xdpre - jnp.outer(m, dshift)  # the gradient of the folded weights w1 * a
-    da = jnp.sum(dw1a * w1, axis=0)
-    dvar = da * scale * (-0.5) * rstd**3
-    dcov = (w1 * dvar) @ transposed(w1)
-    dw1 = dw1a * a + 2.0 * (cov @ w1) * dvar
-    # through the centring: the row mean of the rows' gradient comes off (the cov term's is 0)
-    dx = dx_rows + (2.0 / n) * ((xc - m) @ dcov) - (dshift @ transposed(w1 * a)) / n
-    return dx, dw1, jnp.zeros_like(a), da * rstd, dshift, dw2
+    xc, a = res[0], res[7]
+    dw1, dscale, dcov2, row = _stats_grads(xdpre, dshift, xc.shape[0], res)
+    dx = dx_rows + xc @ dcov2 - row
+    return dx, dw1, jnp.zeros_like(a), dscale, dshift, dw2
 
 
-def _cell_mlp_folded_bwd(eps, res, g):
-    del eps
-    xc, _, w1, _, w2, _, _, a, r = res
+def _cell_mlp_folded_bwd(eps, centred, res, g):
+    del eps, centred
+    xa, _, w1, _, w2, _, _, a, r = res
+    f = w1.shape[0]
     # r > 0 as ceil(min(r, 1)) (exact for r = relu(pre) >= 0): ops that LiteRT's XNNPACK
     # delegate runs, where the comparison and select of jnp.where ran on LiteRT's own kernels
     dpre = (g @ transposed(w2)) * jnp.ceil(jnp.minimum(r, 1.0))
-    dx_rows = dpre @ transposed(w1 * a)
-    return _folded_grads(xc.T @ dpre, jnp.sum(dpre, axis=0), dx_rows, r.T @ g, res)
+    xdpre = xa.T @ dpre  # its last row: the column sums of dpre, dshift
+    dshift = xdpre[f]
+    dw1, dscale, dcov2, row = _stats_grads(xdpre[:f], dshift, xa.shape[0], res)
+    # xc @ dcov2 - row as xa @ [dcov2; -row]: the ones column takes the row off
+    dx = dpre @ transposed(w1 * a) + xa @ jnp.concatenate([dcov2, -row[None]], axis=0)
+    return dx, dw1, jnp.zeros_like(a), dscale, dshift, r.T @ g
 
 
 cell_mlp_folded.defvjp(_folded_forward, _cell_mlp_folded_bwd)
@@ -227,13 +279,14 @@ def _chunked_forward(
     w2: jax.Array,
     eps: float,
     chunk: int,
+    centred: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     del b1
-    xc, m, cov, rstd, a, wf, c = _folded_stats(x, w1, scale, shift, eps)
+    xc, m, cov, rstd, a, wf, c = _folded_stats(x, w1, scale, shift, eps, centred)
     return _chunks_fwd(xc, wf, c, w2, chunk), (xc, m, w1, scale, w2, cov, rstd, a, c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def cell_mlp_chunked(
     x: jax.Array,
     w1: jax.Array,
@@ -243,9 +296,11 @@ def cell_mlp_chunked(
     w2: jax.Array,
     eps: float,
     chunk: int,
+    centred: bool = False,
 ) -> jax.Array:
-    """`cell_mlp`'s function (x (N, F) -> (N, C)), folded, computed `chunk` rows at a time."""
-    return _chunked_forward(x, w1, b1, scale, shift, w2, eps, chunk)[0]
+    """`cell_mlp`'s function (x (N, F) -> (N, C)), folded, computed `chunk` rows at a time.
+    centred: as in `cell_mlp_folded`."""
+    return _chunked_forward(x, w1, b1, scale, shift, w2, eps, chunk, centred)[0]
 
 
 def _chunks_bwd(
@@ -275,8 +330,8 @@ def _chunks_bwd(
     return dw2, xdpre, dshift, dxf.reshape(-1, xc.shape[1])[:r]
 
 
-def _cell_mlp_chunked_bwd(eps, chunk, res, g):
-    del eps
+def _cell_mlp_chunked_bwd(eps, chunk, centred, res, g):
+    del eps, centred
     xc, _, w1, _, w2, _, _, a, c = res
     dw2, xdpre, dshift, dx_rows = _chunks_bwd(xc, g, w1 * a, c, w2, chunk)
     return _folded_grads(xdpre, dshift, dx_rows, dw2, res)
@@ -321,17 +376,18 @@ def _rows_forward(
     w2: jax.Array,
     eps: float,
     chunk: int,
+    centred: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     del b1
     n = x.shape[0]
-    xc, m, cov, rstd, a, wf, c = _folded_stats(x, w1, scale, shift, eps)
+    xc, m, cov, rstd, a, wf, c = _folded_stats(x, w1, scale, shift, eps, centred)
     xr = xc[jnp.minimum(rows, n - 1)]
     out = _chunks_fwd(xr, wf, c, w2, _slot_chunk(rows.shape[0], chunk))
     out = jnp.zeros((n, w2.shape[1]), x.dtype).at[rows].set(out, mode="drop")
     return out, (xc, m, w1, scale, w2, cov, rstd, a, c, rows)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def cell_mlp_rows(
     x: jax.Array,
     rows: jax.Array,
@@ -342,15 +398,16 @@ def cell_mlp_rows(
     w2: jax.Array,
     eps: float,
     chunk: int,
+    centred: bool = False,
 ) -> jax.Array:
     """The folded MLP's output (N, C) on the rows listed in rows (R,) (distinct indices < N;
     N marks an empty slot) and 0 on the others; the norm's statistics over all N rows of x
-    (N, F). `chunk` rows at a time (0: all R at once)."""
-    return _rows_forward(x, rows, w1, b1, scale, shift, w2, eps, chunk)[0]
+    (N, F). `chunk` rows at a time (0: all R at once). centred: as in `cell_mlp_folded`."""
+    return _rows_forward(x, rows, w1, b1, scale, shift, w2, eps, chunk, centred)[0]
 
 
-def _cell_mlp_rows_bwd(eps, chunk, res, g):
-    del eps
+def _cell_mlp_rows_bwd(eps, chunk, centred, res, g):
+    del eps, centred
     xc, _, w1, _, w2, _, _, a, c, rows = res
     n, r = xc.shape[0], rows.shape[0]
     k = _slot_chunk(r, chunk)
@@ -363,6 +420,15 @@ def _cell_mlp_rows_bwd(eps, chunk, res, g):
 
 
 cell_mlp_rows.defvjp(_rows_forward, _cell_mlp_rows_bwd)
+
+
+def centre_rows(x: jax.Array) -> jax.Array:
+    """x (N, F) minus its column means, for the folded MLP alone: the gradient passes through
+    unchanged (the means are behind stop_gradient). That is exact for a function of the rows
+    that a common shift of all of them leaves unchanged, as the batch-stats norm makes the MLP:
+    its gradient's columns then sum to 0, so the centring's own gradient (which subtracts their
+    means) is the identity. The folded MLP's backward makes those sums 0 explicitly."""
+    return x - jax.lax.stop_gradient(jnp.mean(x, axis=0))
 
 
 CPU_CHUNK = 2048  # cells per chunk on CPU (batch 16 training step 1.41-1.50x, session 21)
@@ -388,19 +454,24 @@ def folded_mlp(
     chunk: int,
     fired: jax.Array | None = None,
     rate: float = 0.5,
+    centred: bool = False,
 ) -> jax.Array:
     """The folded MLP, x (N, F) -> (N, C): `chunk` cells at a time where there are more than
     that (a loop over chunks), else all at once (chunk 0: always).
 
     With fired (N,), a 0/1 fire mask drawn at `rate`, the output is the MLP's times fired: the
     MLP runs only on the fired rows (`cell_mlp_rows`), unless more of them fired than
-    `fired_capacity` holds (then on all rows)."""
-    args = (x, w1, b1, scale, shift, w2)
+    `fired_capacity` holds (then on all rows).
+
+    centred: x's columns have mean 0 already, their gradient passing through the centring
+    unchanged (`model.perceive_centred` makes them so as it concatenates the features, with no
+    pass of its own over the (N, F) rows); else the rows are centred here (`centre_rows`)."""
+    args = (x if centred else centre_rows(x), w1, b1, scale, shift, w2)
 
     def every(args: tuple[jax.Array, ...]) -> jax.Array:
         if 0 < chunk < x.shape[0]:
-            return cell_mlp_chunked(*args, eps, chunk)
-        return cell_mlp_folded(*args, eps)
+            return cell_mlp_chunked(*args, eps, chunk, True)
+        return cell_mlp_folded(*args, eps, True)
 
     if fired is None:
         return every(args)
@@ -411,7 +482,7 @@ def folded_mlp(
 
     def some(args: tuple[jax.Array, ...]) -> jax.Array:
         (rows,) = jnp.nonzero(fired > 0, size=cap, fill_value=n)
-        return cell_mlp_rows(args[0], rows, *args[1:], eps, chunk)
+        return cell_mlp_rows(args[0], rows, *args[1:], eps, chunk, True)
 
     return jax.lax.cond(jnp.sum(fired) <= cap, some, lambda a: every(a) * fired[:, None], args)
 

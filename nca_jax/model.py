@@ -96,6 +96,44 @@ def perceive_im2col(perceive_params: Params, state: jax.Array) -> jax.Array:
     return jnp.concatenate([state, p], axis=-1)
 
 
+def _centred(x: jax.Array) -> jax.Array:
+    """x (B, H, W, F) less its per-feature mean over (B, H, W), the mean behind stop_gradient
+    (see `perceive_centred`)."""
+    return x - jax.lax.stop_gradient(jnp.mean(x, axis=(0, 1, 2)))
+
+
+def perceive_centred(perceive_params: Params, state: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The perception's features less their mean over all cells, one row per cell: state
+    (B, H, W, C) -> (B H W, 3C), what the folded MLP (`mlp.folded_mlp` with centred=True)
+    takes. The parts are concatenated as rows, so that the converter merges the MLP's column
+    of ones (`mlp.cell_mlp_folded`) into the same CONCATENATION.
+
+    The batch-stats norm makes the MLP a function of its centred input, so the convolutions'
+    biases cancel (they are left out: their gradient is exactly 0, where it was rounding
+    noise) and each of the three parts is centred on its own, in the one pass that
+    concatenates them: the uncentred features are never written whole. The means are behind
+    stop_gradient, exact here: the norm makes the MLP's input gradient sum to 0 over cells, so
+    the centring's own gradient (subtracting that sum's mean) is the identity. "conv" and
+    "im2col" as in `apply_rule`."""
+    pp = perceive_params
+    if cfg.perceive == "im2col":
+        k = jnp.concatenate([pp["conv0"]["kernel"], pp["conv1"]["kernel"]], -1)
+        parts = [conv.conv3x3_columns(state, k, None, pad_mode="reflect")]
+    else:
+        padded = jnp.pad(state, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        parts = [
+            jax.lax.conv_general_dilated(
+                padded, pp[name]["kernel"], (1, 1), "VALID", dimension_numbers=CONV_DIMS
+            )
+            for name in ("conv0", "conv1")
+        ]
+    rows = [_centred(q).reshape(-1, q.shape[-1]) for q in [state, *parts]]
+    return jnp.concatenate(rows, axis=-1)
+
+
+CONV_DIMS = ("NHWC", "HWIO", "NHWC")  # flax's nn.Conv layout
+
+
 def _update_channels(cfg: ModelConfig) -> jax.Array:
     """(C,) 0 for channel 0 (the image, which no step changes), 1 for the others: the update
     times it is 0 in channel 0, so a step keeps the image there without slicing it back in."""
@@ -111,15 +149,18 @@ def apply_rule(
     Same parameters and same values as `update_rule(cfg).apply(...) * _update_channels(cfg)`
     (to float rounding); the zeroing is folded into dense_out's kernel. Given the
     step's fire mask fired (B, H, W, 1) and cfg.mlp_fired on (`mlp.resolve_fired`), it is the
-    update times fired, the MLP computed only where fired is 1; else every cell's update."""
-    if cfg.perceive == "im2col":
+    update times fired, the MLP computed only where fired is 1; else every cell's update.
+    With cfg.fold_norm the features are centred as they are made (`perceive_centred`)."""
+    b, h, w, _ = state.shape
+    if cfg.fold_norm:
+        feats = perceive_centred(level_params["perceive"], state, cfg)
+    elif cfg.perceive == "im2col":
         feats = perceive_im2col(level_params["perceive"], state)
     else:
         feats = Perceive(cfg.channels).apply({"params": level_params["perceive"]}, state)
-    b, h, w, f = feats.shape
     p = level_params
     args = (
-        feats.reshape(b * h * w, f),
+        feats.reshape(b * h * w, -1),
         p["dense_in"]["kernel"],
         p["dense_in"]["bias"],
         p["norm"]["scale"],
@@ -136,6 +177,7 @@ def apply_rule(
             chunk=chunk,
             fired=None if fired is None else fired.reshape(b * h * w),
             rate=cfg.fire_rate,
+            centred=True,
         )
     else:
         out = mlp.cell_mlp(*args)

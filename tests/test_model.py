@@ -250,7 +250,8 @@ def test_im2col_perception_equals_the_convolutions_in_value_and_gradient():
 def test_folded_norm_equals_autodiff_of_the_flax_rule():
     """fold_norm (the batch norm folded into the first dense layer through the input's
     covariance) is the same rule: same update and gradients as UpdateRule.apply, with both
-    perception forms; the dense layer's bias, which the norm cancels, gets exactly 0."""
+    perception forms; the dense layer's and the convolutions' biases, which the norm cancels,
+    get exactly 0."""
     cfg = ModelConfig(channels=6, hidden=10)
     params = randomised_params(cfg, seed=6)["level1"]  # norm scale and shift perturbed too
     state = jax.random.normal(jax.random.key(10), (2, 5, 7, 6))
@@ -269,6 +270,23 @@ def test_folded_norm_equals_autodiff_of_the_flax_rule():
         ):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
         assert not np.any(got[0]["dense_in"]["bias"])
+        assert not np.any(got[0]["perceive"]["conv0"]["bias"])
+        assert not np.any(got[0]["perceive"]["conv1"]["bias"])
+
+
+@pytest.mark.parametrize("impl", ["conv", "im2col"])
+def test_centred_perception_is_the_features_less_their_mean(impl):
+    """perceive_centred (what the folded MLP takes) = Perceive's features less their mean over
+    all cells: the convolutions' biases cancel, every column's mean is 0."""
+    cfg = ModelConfig(channels=6, hidden=10, perceive=impl)
+    params = randomised_params(cfg, seed=7)["level1"]["perceive"]
+    state = 3.0 + jax.random.normal(jax.random.key(12), (2, 5, 7, 6))
+    feats = m.Perceive(6).apply({"params": params}, state)
+    got = m.perceive_centred(params, state, cfg)
+    assert got.shape == (70, 18)
+    want = (feats - jnp.mean(feats, axis=(0, 1, 2))).reshape(70, 18)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(jnp.mean(got, axis=0)).max()) < 1e-5
 
 
 def test_folded_norm_keeps_its_precision_on_offset_inputs():

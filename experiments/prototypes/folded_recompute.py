@@ -21,6 +21,7 @@ import argparse
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from experiments.prototypes.folded_norm import report, time_mlps
 from nca_jax import mlp
@@ -30,11 +31,11 @@ from nca_jax.config import ModelConfig
 
 def _fwd(x, w1, b1, scale, shift, w2, eps):
     """The library's folded forward, keeping the bias c of pre = xc @ (w1 * a) + c instead of
-    relu(pre) for the backward."""
-    out, (xc, m, w1, scale, w2, cov, rstd, a, _) = mlp._folded_forward(
+    relu(pre) for the backward (xa: the centred rows and the library's column of ones)."""
+    out, (xa, m, w1, scale, w2, cov, rstd, a, _) = mlp._folded_forward(
         x, w1, b1, scale, shift, w2, eps
     )
-    return out, (xc, m, w1, scale, w2, cov, rstd, a, shift - (m @ w1) * a)
+    return out, (xa, m, w1, scale, w2, cov, rstd, a, shift - (m @ w1) * a)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -44,9 +45,9 @@ def mlp_recompute(x, w1, b1, scale, shift, w2, eps):
 
 def _bwd(eps, res, g):
     """pre recomputed from the centred input, then the library's folded backward."""
-    xc, m, w1, scale, w2, cov, rstd, a, c = res
-    r = jax.nn.relu(xc @ (w1 * a) + c)
-    return mlp._cell_mlp_folded_bwd(eps, (xc, m, w1, scale, w2, cov, rstd, a, r), g)
+    xa, m, w1, scale, w2, cov, rstd, a, c = res
+    r = jax.nn.relu(xa @ jnp.concatenate([w1 * a, c[None]], axis=0))
+    return mlp._cell_mlp_folded_bwd(eps, False, (xa, m, w1, scale, w2, cov, rstd, a, r), g)
 
 
 mlp_recompute.defvjp(_fwd, _bwd)
