@@ -96,6 +96,9 @@ def perceive_im2col(perceive_params: Params, state: jax.Array) -> jax.Array:
     return jnp.concatenate([state, p], axis=-1)
 
 
+CONV_DIMS = ("NHWC", "HWIO", "NHWC")  # flax's nn.Conv layout
+
+
 def _centred(x: jax.Array) -> jax.Array:
     """x (B, H, W, F) less its per-feature mean over (B, H, W), the mean behind stop_gradient
     (see `perceive_centred`)."""
@@ -129,9 +132,6 @@ def perceive_centred(perceive_params: Params, state: jax.Array, cfg: ModelConfig
         ]
     rows = [_centred(q).reshape(-1, q.shape[-1]) for q in [state, *parts]]
     return jnp.concatenate(rows, axis=-1)
-
-
-CONV_DIMS = ("NHWC", "HWIO", "NHWC")  # flax's nn.Conv layout
 
 
 def _update_channels(cfg: ModelConfig) -> jax.Array:
