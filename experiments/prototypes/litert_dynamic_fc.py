@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.prototypes.litert_transposed import convert
 from nca_jax.export import operators
 
 DYNAMIC_FC = 0x8
@@ -51,20 +52,6 @@ def fc_form(x, w1, a, c, w2):
 
 
 FORMS: dict[str, Callable] = {"bmm": bmm_form, "fc": fc_form}
-
-
-def convert(fn: Callable, shapes: list[tuple[int, ...]]) -> bytes:
-    import tensorflow as tf
-    from jax.experimental import jax2tf
-
-    tf_fn = tf.function(
-        jax2tf.convert(fn, with_gradient=False),
-        autograph=False,
-        input_signature=[tf.TensorSpec(s, tf.float32) for s in shapes],
-    )
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([tf_fn.get_concrete_function()], tf_fn)
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    return conv.convert()
 
 
 def interpreter_call(
