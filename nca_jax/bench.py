@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nca_jax import fused
 from nca_jax.cli import run_cli
 from nca_jax.config import (
     FinetuneConfig,
@@ -212,7 +213,12 @@ COMPARISONS: dict[str, tuple[dict[str, Any], str, str, bool, str, str]] = {
         {"mlp_fired": 0}, "every_cell", "fired", True,
         "MLP on every cell", "the fired cells alone are {:.2f}x faster",
     ),
+    "compare_fused": (
+        {"fused_forward": 0}, "xla_steps", "fused", True,
+        "NCA steps as XLA ops", "the fused kernel is {:.2f}x faster",
+    ),
 }  # fmt: skip
+PREDICT_ONLY = ("compare_fused",)  # the fused kernel has no gradient: predictions only
 
 
 def compare(
@@ -266,7 +272,9 @@ def bench_predict(mc: ModelConfig, size: int, reps: int, samples: int = 10) -> d
         f"variance{samples}_loop_s": tl,
         f"variance{samples}_vmap_compile_s": first - tv,
         f"variance{samples}_s": td,
-        f"variance{samples}_parallel": float(min(default_parallel(), samples)),
+        f"variance{samples}_parallel": float(
+            samples if fused.resolve(mc) else min(default_parallel(), samples)
+        ),
         f"variance{samples}_gflops": samples * flop / td / 1e9,  # the library's path
         f"variance{samples}_vmap_gflops": samples * flop / tv / 1e9,
     }
@@ -451,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the training step and one prediction with the folded MLP on every cell "
         "(model.mlp_fired 0, the MLP before session 26) and print the ratios",
     )
+    p.add_argument(
+        "--compare-fused",
+        action="store_true",
+        help="also time one prediction with its NCA steps as XLA ops (model.fused_forward 0, "
+        "the path before session 32) and print the ratio",
+    )
     p.add_argument("--peer", help="folder holding the authors' src/ (see ../shared/peer/README.md)")
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument(
@@ -496,11 +510,13 @@ def main(argv: list[str] | None = None) -> int:
         "reps": a.reps,
         "peer_reps": a.peer_reps if a.peer else None,
         "flop_per_cell_step": flop_per_cell_step(mc),
+        "fused_forward": fused.resolve(mc),  # predictions' NCA steps as one kernel each
+        "fused_status": fused.kernel_status()[1],
     }
     if a.tflite_only and any(getattr(a, flag) for flag in COMPARISONS):
         raise ConfigError(
-            "--compare-perceive, --compare-fold, --compare-chunk, --compare-fired and "
-            "--autodiff-baseline time "
+            "--compare-perceive, --compare-fold, --compare-chunk, --compare-fired, "
+            "--compare-fused and --autodiff-baseline time "
             "JAX: not with --tflite-only"
         )
     if a.tflite_only and not a.tflite:
@@ -512,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         r = bench_train(mc, a.size, b, a.reps, a.level1_loss)
         r["train_fraction_of_matmul"] = r["train_gflops"] / res["matmul_gflops"]
         for flag in COMPARISONS:
-            if getattr(a, flag):
+            if getattr(a, flag) and flag not in PREDICT_ONLY:
                 r.update(
                     compare(flag, mc, lambda m, b=b: train_runner(m, a.size, b), a.reps,
                             "train_step", "")
@@ -530,7 +546,13 @@ def main(argv: list[str] | None = None) -> int:
         r = bench_predict(mc, a.size, a.reps)
         r["variance10_fraction_of_matmul"] = r["variance10_gflops"] / res["matmul_gflops"]
         res.update(r)
-        for flag in ("compare_perceive", "compare_fold", "compare_chunk", "compare_fired"):
+        for flag in (
+            "compare_perceive",
+            "compare_fold",
+            "compare_chunk",
+            "compare_fired",
+            "compare_fused",
+        ):
             if getattr(a, flag):
                 res.update(
                     compare(flag, mc, lambda m: predict_runner(m, a.size), a.reps, "predict",

@@ -141,9 +141,14 @@ class Functions:
 
     def __init__(self, cfg: RunConfig, spec: ExportSpec, params: Params):
         # same function, its convolutions computed as the spec asks, and Med-NCA's MLP on all
-        # cells at once (a converted scan keeps its buffers; no gather of the fired cells)
+        # cells at once (a converted scan keeps its buffers; no gather of the fired cells), and
+        # never the fused CPU kernel (an FFI call, which no TFLite runtime has)
         mc = dataclasses.replace(
-            cfg.model, perceive=spec.perceive_impl(cfg.model), mlp_chunk=0, mlp_fired=0
+            cfg.model,
+            perceive=spec.perceive_impl(cfg.model),
+            mlp_chunk=0,
+            mlp_fired=0,
+            fused_forward=0,
         )
         cfg = dataclasses.replace(cfg, model=mc)
         self.cfg, self.spec, self.mc = cfg, spec, cfg.model

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 from nca_jax import conv, mlp
 from nca_jax.config import ModelConfig
+from nca_jax.fused import resolve as resolve_fused
+from nca_jax.fused import step as fused_step
 from nca_jax.unet import init_unet, unet_logits
 
 Params = dict[str, Any]
@@ -217,17 +219,21 @@ def nca_step(
     cfg: ModelConfig,
     key: jax.Array | None = None,
     mask: jax.Array | None = None,
+    fused: bool = False,
 ) -> jax.Array:
     """One stochastic NCA step: state (B, H, W, C) -> new state (B, H, W, C).
 
     Channel 0 of the state is the image: the update is 0 there (`_update_channels`), so every
     step keeps it. Exactly one of `key` (a PRNG key; the fire mask is drawn from it) or `mask`
     (a given fire mask (B, H, W, 1) of 0/1) must be passed: randomness is never implicit.
+    fused=True computes the step in one CPU kernel (`nca_jax.fused`; forward only).
     """
     if (key is None) == (mask is None):
         raise TypeError("nca_step needs exactly one of key= (a PRNG key) or mask= (a fire mask)")
     if mask is None:
         mask = fire_mask(key, state.shape[:3], cfg.fire_rate)
+    if fused:
+        return fused_step(level_params, state, mask, cfg)
     if cfg.fast_backward:
         delta = apply_rule(level_params, state, cfg, fired=mask)
     else:
@@ -248,13 +254,15 @@ def rollout(
     key: jax.Array | None = None,
     masks: jax.Array | None = None,
     unroll: bool | str = False,
+    fused: bool = False,
 ) -> jax.Array:
     """cfg.steps NCA steps as one lax.scan: state (B, H, W, C) -> (B, H, W, C).
 
     Step i draws its fire mask from fold_in(key, i), or takes masks[i] from given masks
     (steps, B, H, W, 1). `unroll=True` unrolls the scan (faster gradients on XLA CPU, longer
     compile); `unroll="python"` writes the steps out as a Python loop, no scan at all (what the
-    TFLite export needs: a converted scan stores its backward buffers as constants)."""
+    TFLite export needs: a converted scan stores its backward buffers as constants). fused as
+    in `nca_step`."""
     if (key is None) == (masks is None):
         raise TypeError("rollout needs exactly one of key= (a PRNG key) or masks= (fire masks)")
     if masks is None:
@@ -266,8 +274,8 @@ def rollout(
 
     def body(s: jax.Array, x: jax.Array) -> tuple[jax.Array, None]:
         if use_key:
-            return nca_step(level_params, s, cfg=cfg, key=x), None
-        return nca_step(level_params, s, cfg=cfg, mask=x), None
+            return nca_step(level_params, s, cfg=cfg, key=x, fused=fused), None
+        return nca_step(level_params, s, cfg=cfg, mask=x, fused=fused), None
 
     if unroll == "python":
         for i in range(cfg.steps):
@@ -377,11 +385,17 @@ def as_nhwc(image: jax.Array) -> jax.Array:
 
 
 def _level1_to_full(
-    params: Params, image: jax.Array, cfg: ModelConfig, unroll: bool | str, **rand: Any
+    params: Params,
+    image: jax.Array,
+    cfg: ModelConfig,
+    unroll: bool | str,
+    fused: bool = False,
+    **rand: Any,
 ) -> jax.Array:
     """Level 1 on the downscaled image, upsampled: (B, H, W, 1) -> full-res state (B, H, W, C)."""
     low = downscale(image, cfg.downscale)
-    s = rollout(params["level1"], seed_state(low, cfg.channels), cfg=cfg, unroll=unroll, **rand)
+    seed = seed_state(low, cfg.channels)
+    s = rollout(params["level1"], seed, cfg=cfg, unroll=unroll, fused=fused, **rand)
     up = upscale(s, cfg.downscale)
     return jnp.concatenate([image, up[..., 1:]], axis=-1)
 
@@ -400,16 +414,20 @@ def predict_state(
     randomness: Randomness | None = None,
     unroll: bool | str = False,
 ) -> jax.Array:
-    """Inference: image (B, H, W[, 1]) in [0, 1] -> final full-resolution state (B, H, W, C)."""
+    """Inference: image (B, H, W[, 1]) in [0, 1] -> final full-resolution state (B, H, W, C).
+
+    Every step runs the fused CPU kernel where cfg.fused_forward resolves to it
+    (`nca_jax.fused.resolve`): same values, no gradient."""
     _check_rand(key, randomness)
     image = as_nhwc(image)
+    fused = resolve_fused(cfg)
     if randomness is None:
         r1 = {"key": jax.random.fold_in(key, LEVEL_KEY)}
         r2 = {"key": jax.random.fold_in(key, LEVEL2_KEY)}
     else:
         r1, r2 = {"masks": randomness.masks1}, {"masks": randomness.masks2}
-    state = _level1_to_full(params, image, cfg, unroll, **r1)
-    return rollout(params["level2"], state, cfg=cfg, unroll=unroll, **r2)
+    state = _level1_to_full(params, image, cfg, unroll, fused, **r1)
+    return rollout(params["level2"], state, cfg=cfg, unroll=unroll, fused=fused, **r2)
 
 
 def predict_history(

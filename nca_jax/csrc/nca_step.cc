@@ -1,4 +1,5 @@
-// Prototype (issue 17, goal 2): one Med-NCA level's forward step as ONE XLA FFI call on CPU.
+// One Med-NCA level's forward step as ONE XLA FFI call on CPU (nca_jax/fused.py builds, loads
+// and calls it; issue 17, goal 2).
 //
 // state (G, B, H, W, 16), fire mask (G, B, H, W) of 0/1 -> new state (G, B, H, W, 16). G groups
 // (e.g. the 10 samples of a variance) each have their own batch-norm statistics over (B, H, W).
@@ -9,6 +10,8 @@
 // cells only and the update. Every product is an AVX-512 register-blocked loop over data that
 // stays in cache; nothing per cell but the 48 features is written to memory.
 //
+// The threads are OpenMP's (OMP_NUM_THREADS, default one per core); G groups run one after
+// another, each group's rows split among the threads.
 // Build: g++ -O3 -march=native -fopenmp -std=c++17 -shared -fPIC -I$(jax.ffi.include_dir())
 #include <immintrin.h>
 #include <omp.h>
@@ -285,7 +288,8 @@ void group_step(const float* state, const float* mask, int B, int H, int W, cons
 ffi::Error StepImpl(ffi::Buffer<ffi::F32> state, ffi::Buffer<ffi::F32> mask,
                     ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> w1,
                     ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
-                    ffi::Buffer<ffi::F32> w2, float eps, ffi::ResultBuffer<ffi::F32> out) {
+                    ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> epsb,
+                    ffi::ResultBuffer<ffi::F32> out) {
   auto d = state.dimensions();
   if (d.size() != 5 || d[4] != C)
     return ffi::Error::InvalidArgument("nca_step_fwd: state must be (G, B, H, W, 16)");
@@ -297,6 +301,9 @@ ffi::Error StepImpl(ffi::Buffer<ffi::F32> state, ffi::Buffer<ffi::F32> mask,
       scale.element_count() != HID || shift.element_count() != HID ||
       w2.element_count() != HID * C)
     return ffi::Error::InvalidArgument("nca_step_fwd: parameter shapes do not match 16/128");
+  if (epsb.element_count() != 1)
+    return ffi::Error::InvalidArgument("nca_step_fwd: eps must be one float");
+  const float eps = epsb.typed_data()[0];
   thread_local Scratch scr;
   const size_t per = size_t(B * H * W);
   for (int64_t g = 0; g < G; ++g)
@@ -317,5 +324,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NcaStepFwd, StepImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("eps")
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
