@@ -173,9 +173,12 @@ def _step_bwd(_res, _g):
 _step.defvjp(_step_fwd, _step_bwd)
 
 
-def step(level_params: dict, state: jax.Array, mask: jax.Array, cfg: Any) -> jax.Array:
+def step(
+    level_params: dict, state: jax.Array, mask: jax.Array, cfg: Any, channels: jax.Array
+) -> jax.Array:
     """One stochastic NCA step through the kernel: state (B, H, W, C), fire mask
-    (B, H, W, 1) of 0/1 -> new state (B, H, W, C); `model.nca_step`'s values.
+    (B, H, W, 1) of 0/1 -> new state (B, H, W, C); `model.nca_step`'s values. channels (C,):
+    dense_out's kernel is multiplied by it (`model._update_channels`: the image is kept).
 
     The conv and dense_in biases are not passed: the batch-stats norm cancels them."""
     pp = level_params["perceive"]
@@ -184,7 +187,7 @@ def step(level_params: dict, state: jax.Array, mask: jax.Array, cfg: Any) -> jax
         level_params["dense_in"]["kernel"],
         level_params["norm"]["scale"],
         level_params["norm"]["bias"],
-        level_params["dense_out"]["kernel"] * (jnp.arange(cfg.channels) > 0),  # image kept
+        level_params["dense_out"]["kernel"] * channels,
     )
     weights = tuple(w.astype(jnp.float32) for w in weights)
     eps = jnp.full((1,), cfg.bn_eps, jnp.float32)

@@ -233,7 +233,7 @@ def nca_step(
     if mask is None:
         mask = fire_mask(key, state.shape[:3], cfg.fire_rate)
     if fused:
-        return fused_step(level_params, state, mask, cfg)
+        return fused_step(level_params, state, mask, cfg, _update_channels(cfg))
     if cfg.fast_backward:
         delta = apply_rule(level_params, state, cfg, fired=mask)
     else:

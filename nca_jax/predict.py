@@ -44,9 +44,9 @@ def make_predict(
     predictions are jitted calls that follow one another from Python: on CPU that loop is
     1.24x faster than the same predictions in one lax.map (session 20, interleaved). Same
     keys, same values either way (tested)."""
-    if parallel is None:  # the fused kernel takes one image's samples as groups of one call
-        parallel = samples if resolve_fused(mc) else default_parallel()
     par = parallel
+    if par is None:  # the fused kernel takes one image's samples as groups of one call
+        par = samples if resolve_fused(mc) else default_parallel()
     if par < 1:
         raise ValueError(f"parallel must be >= 1, got {par}")
     if par > 1:  # under vmap the fired-cells path's branch would run both ways
