@@ -214,11 +214,11 @@ COMPARISONS: dict[str, tuple[dict[str, Any], str, str, bool, str, str]] = {
         "MLP on every cell", "the fired cells alone are {:.2f}x faster",
     ),
     "compare_fused": (
-        {"fused_forward": 0}, "xla_steps", "fused", True,
-        "NCA steps as XLA ops", "the fused kernel is {:.2f}x faster",
+        {"fused_forward": 0, "fused_train": 0}, "xla_steps", "fused", True,
+        "NCA steps as XLA ops", "the fused kernels are {:.2f}x faster",
     ),
 }  # fmt: skip
-PREDICT_ONLY = ("compare_fused",)  # the fused kernel has no gradient: predictions only
+PREDICT_ONLY: tuple[str, ...] = ()  # flags that time predictions only
 
 
 def compare(
@@ -462,8 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compare-fused",
         action="store_true",
-        help="also time one prediction with its NCA steps as XLA ops (model.fused_forward 0, "
-        "the path before session 32) and print the ratio",
+        help="also time the training step and one prediction with their NCA steps as XLA ops "
+        "(model.fused_train 0 and fused_forward 0, the paths before sessions 33 and 32) and print "
+        "the ratios",
     )
     p.add_argument("--peer", help="folder holding the authors' src/ (see ../shared/peer/README.md)")
     p.add_argument("--peer-python", default=sys.executable)
@@ -511,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer_reps": a.peer_reps if a.peer else None,
         "flop_per_cell_step": flop_per_cell_step(mc),
         "fused_forward": fused.resolve(mc),  # predictions' NCA steps as one kernel each
+        "fused_train": fused.resolve(mc, train=True),  # training's steps: forward + backward
         "fused_status": fused.kernel_status()[1],
     }
     if a.tflite_only and any(getattr(a, flag) for flag in COMPARISONS):

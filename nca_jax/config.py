@@ -72,10 +72,15 @@ class ModelConfig:
     mlp_fired: int = -1
     # 1: every NCA step of a prediction (model.predict_state: evaluation, the samples of the
     # variance, VWSL's targets) is one fused CPU kernel (nca_jax/fused.py, compiled with g++ on
-    # first use; x86-64 with AVX-512, channels 16, hidden 128): same function, forward only,
-    # a prediction 1.8x faster (session 32). 0: XLA's ops. -1 = auto: on the CPU backend where
-    # the kernel builds. Training, the TFLite export and predict_history never use it.
+    # first use; x86-64 with AVX-512, channels 16, hidden 128): same function, a prediction
+    # 1.8x faster (session 32). 0: XLA's ops. -1 = auto: on the CPU backend where the kernel
+    # builds. The TFLite export and predict_history never use it.
     fused_forward: int = -1
+    # the same for the NCA steps of training and fine-tuning (model.train_logits, VWSL's
+    # losses): each step one fused kernel forward and one fused kernel backward (which
+    # recomputes the step's features and statistics): same function and gradients to float
+    # rounding (session 33). 1 / 0 / -1 (auto) as fused_forward.
+    fused_train: int = -1
     kind: str = "med-nca"  # "med-nca" or "unet" (the deterministic baseline of Table 1)
     unet_blocks: int = 5  # UNet: encoding blocks (pooling levels + 1)
     unet_channels: int = 64  # UNet: channels of the first level, doubled per level
@@ -97,6 +102,10 @@ class ModelConfig:
         if self.fused_forward not in (-1, 0, 1):
             raise ConfigError(
                 f"model.fused_forward must be -1 (auto), 0 or 1, got {self.fused_forward}"
+            )
+        if self.fused_train not in (-1, 0, 1):
+            raise ConfigError(
+                f"model.fused_train must be -1 (auto), 0 or 1, got {self.fused_train}"
             )
         if self.mlp_chunk > 0 and not (self.fold_norm and self.fast_backward):
             raise ConfigError("model.mlp_chunk > 0 needs model.fold_norm and model.fast_backward")

@@ -149,6 +149,7 @@ class Functions:
             mlp_chunk=0,
             mlp_fired=0,
             fused_forward=0,
+            fused_train=0,
         )
         cfg = dataclasses.replace(cfg, model=mc)
         self.cfg, self.spec, self.mc = cfg, spec, cfg.model

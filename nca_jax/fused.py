@@ -1,17 +1,21 @@
-"""One NCA step's forward as one fused CPU kernel (`csrc/nca_step.cc`, an XLA FFI call).
+"""One NCA step as one fused CPU kernel, and its backward as another (`csrc/nca_step.cc`, XLA
+FFI calls).
 
 XLA on CPU writes every op's output of a step (padding, two convolutions, the features, the
 (cells, 128) hidden array, ...) to memory and reads it back. The kernel does a level's step in
 two passes over the image rows with everything but the 48 features per cell in cache:
 convolutions and the batch norm's statistics, then the folded MLP on the fired cells and the
-update. Same function as `model.nca_step` (tests: to float rounding); forward only, so it
-serves gradient-free predictions (`model.predict_state`, and through it the 10 samples of the
-variance and VWSL's targets), never training.
+update. Same function as `model.nca_step` (tests: to float rounding). The backward kernel
+recomputes the features and statistics from the step's input state (the only residual kept),
+then takes the fired cells' MLP backward, the norm's gradient in its folded form (mlp.py
+`_stats_grads`) and the convolutions' transposes in three more passes; same gradients as
+XLA's path (tests: to float rounding). Predictions use it where `ModelConfig.fused_forward`
+resolves to it, training and fine-tuning where `ModelConfig.fused_train` does.
 
 The kernel is compiled with the system's C++ compiler (g++, or $CXX) on first use into
 $NCA_JAX_CACHE (default ~/.cache/nca_jax), under a name that hashes the source, the flags and
 jaxlib's version; it needs x86-64 with AVX-512 and OpenMP. `kernel_status()` says whether it is
-usable here and, if not, why; `resolve(cfg)` decides per config (`ModelConfig.fused_forward`).
+usable here and, if not, why; `resolve(cfg, train)` decides per config.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from nca_jax.errors import ConfigError
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "nca_step.cc"
 TARGET = "nca_jax_step_fwd"
+TARGET_BWD = "nca_jax_step_bwd"
 CHANNELS, HIDDEN = 16, 128  # the sizes the kernel is written for (the paper's)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 
@@ -98,6 +103,7 @@ def kernel_status() -> tuple[bool, str]:
         so = build()
         lib = ctypes.cdll.LoadLibrary(str(so))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.NcaStepFwd), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_BWD, jax.ffi.pycapsule(lib.NcaStepBwd), platform="cpu")
     except (ConfigError, OSError) as e:
         return False, str(e)
     return True, f"built at {so}"
@@ -112,10 +118,15 @@ def supported(cfg: Any) -> str | None:
     return None
 
 
-def resolve(cfg: Any) -> bool:
-    """Whether predictions with this ModelConfig run the fused kernel: fused_forward 1 = yes
-    (a ConfigError if it cannot), 0 = no, -1 = auto (on the CPU backend where it is usable)."""
-    if cfg.fused_forward == 0:
+def resolve(cfg: Any, train: bool = False) -> bool:
+    """Whether this ModelConfig's NCA steps run the fused kernel: those of predictions
+    (cfg.fused_forward), or with train=True those of training and fine-tuning (cfg.fused_train,
+    the kernel's backward too). 1 = yes (a ConfigError if it cannot), 0 = no, -1 = auto (on
+    the CPU backend where it is usable; for training only with cfg.fast_backward, since
+    fast_backward false asks for XLA's own gradient, the reference)."""
+    name = "fused_train" if train else "fused_forward"
+    want = getattr(cfg, name)
+    if want == 0 or (want == -1 and train and not cfg.fast_backward):
         return False
     why = supported(cfg)
     if why is None and jax.default_backend() != "cpu":
@@ -124,8 +135,8 @@ def resolve(cfg: Any) -> bool:
         ok, why = kernel_status()
         if ok:
             return True
-    if cfg.fused_forward == 1:
-        raise ConfigError(f"model.fused_forward is 1 but the fused kernel cannot run: {why}")
+    if want == 1:
+        raise ConfigError(f"model.{name} is 1 but the fused kernel cannot run: {why}")
     return False
 
 
@@ -154,20 +165,55 @@ def _grouped_vmap(axis_size, in_batched, state, mask, weights, eps):
     return out.reshape(state.shape), True
 
 
+@custom_vmap
+def _grouped_bwd(
+    state: jax.Array, mask: jax.Array, weights: tuple, eps: jax.Array, g: jax.Array
+) -> tuple:
+    """The backward of `_grouped`: g (G, B, H, W, C) = the new state's cotangent -> (the
+    state's (G, B, H, W, C), each weight's with a leading G: one gradient per group)."""
+    n = state.shape[0]
+    shapes = [state.shape, *((n, *w.shape) for w in weights)]
+    call = jax.ffi.ffi_call(TARGET_BWD, [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
+    ds, *dw = call(state, mask, *weights, eps, g)
+    return ds, tuple(dw)
+
+
+@_grouped_bwd.def_vmap
+def _grouped_bwd_vmap(axis_size, in_batched, state, mask, weights, eps, g):
+    """vmap as more groups, as `_grouped_vmap`: every output batched, (N, G, ...)."""
+    sb, mb, wb, eb, gb = in_batched
+    if any(jax.tree_util.tree_leaves(wb)) or eb:
+        raise ValueError("the fused NCA step cannot be vmapped over its parameters")
+    n = axis_size
+    state, mask, g = (
+        x if b else jnp.broadcast_to(x, (n, *x.shape))
+        for x, b in ((state, sb), (mask, mb), (g, gb))
+    )
+    ds, dw = _grouped_bwd(
+        *(x.reshape(-1, *x.shape[2:]) for x in (state, mask)),
+        weights,
+        eps,
+        g.reshape(-1, *g.shape[2:]),
+    )
+    dw = tuple(d.reshape(n, -1, *d.shape[1:]) for d in dw)
+    return (ds.reshape(state.shape), dw), (True, tuple(True for _ in dw))
+
+
 @jax.custom_vjp
 def _step(state: jax.Array, mask: jax.Array, weights: tuple, eps: jax.Array) -> jax.Array:
     return _grouped(state[None], mask[None], weights, eps)[0]
 
 
 def _step_fwd(state, mask, weights, eps):
-    return _step(state, mask, weights, eps), None
+    return _step(state, mask, weights, eps), (state, mask, weights, eps)
 
 
-def _step_bwd(_res, _g):
-    raise ConfigError(
-        "the fused NCA step (model.fused_forward) has no gradient: it serves predictions; "
-        "set model.fused_forward 0 to differentiate a prediction"
-    )
+def _step_bwd(res, g):
+    """The kernel's backward (it recomputes the step's features and statistics): the
+    state's and the weights' gradients; none for the fire mask and eps."""
+    state, mask, weights, eps = res
+    ds, dw = _grouped_bwd(state[None], mask[None], weights, eps, g[None])
+    return ds[0], jnp.zeros_like(mask), tuple(d[0] for d in dw), jnp.zeros_like(eps)
 
 
 _step.defvjp(_step_fwd, _step_bwd)

@@ -226,7 +226,7 @@ def nca_step(
     Channel 0 of the state is the image: the update is 0 there (`_update_channels`), so every
     step keeps it. Exactly one of `key` (a PRNG key; the fire mask is drawn from it) or `mask`
     (a given fire mask (B, H, W, 1) of 0/1) must be passed: randomness is never implicit.
-    fused=True computes the step in one CPU kernel (`nca_jax.fused`; forward only).
+    fused=True computes the step in one CPU kernel, its gradient in another (`nca_jax.fused`).
     """
     if (key is None) == (mask is None):
         raise TypeError("nca_step needs exactly one of key= (a PRNG key) or mask= (a fire mask)")
@@ -417,7 +417,7 @@ def predict_state(
     """Inference: image (B, H, W[, 1]) in [0, 1] -> final full-resolution state (B, H, W, C).
 
     Every step runs the fused CPU kernel where cfg.fused_forward resolves to it
-    (`nca_jax.fused.resolve`): same values, no gradient."""
+    (`nca_jax.fused.resolve`): same values (and gradients, where one is taken)."""
     _check_rand(key, randomness)
     image = as_nhwc(image)
     fused = resolve_fused(cfg)
@@ -488,10 +488,11 @@ def train_logits(
     else:
         yx = randomness.patch_yx
         r1, r2 = {"masks": randomness.masks1}, {"masks": randomness.masks2}
-    state = _level1_to_full(params, image, cfg, unroll, **r1)
+    fused = resolve_fused(cfg, train=True)
+    state = _level1_to_full(params, image, cfg, unroll, fused, **r1)
     state_p = crop_patches(state, yx, cfg.patch)
     mask_p = crop_patches(mask, yx, cfg.patch)
-    out = rollout(params["level2"], state_p, cfg=cfg, unroll=unroll, **r2)
+    out = rollout(params["level2"], state_p, cfg=cfg, unroll=unroll, fused=fused, **r2)
     if level1:
         return out[..., 1], mask_p, state[..., 1]
     return out[..., 1], mask_p

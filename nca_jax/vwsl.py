@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nca_jax.config import FinetuneConfig, ModelConfig
+from nca_jax.fused import resolve as resolve_fused
 from nca_jax.losses import segmentation_loss
 from nca_jax.model import (
     Params,
@@ -100,17 +101,18 @@ def vwsl_terms(
     if (keys is None) == (masks is None):
         raise TypeError("vwsl_terms needs exactly one of keys= or masks=")
     r = [{"key": k} for k in keys] if masks is None else [{"masks": m} for m in masks]
+    fused = resolve_fused(cfg, train=True)
     image = as_nhwc(images)
     low = downscale(image, cfg.downscale)
     seed = seed_state(low, cfg.channels)
-    s1a = rollout(params["level1"], seed, cfg=cfg, unroll=unroll, **r[0])
-    s1b = rollout(params["level1"], seed, cfg=cfg, unroll=unroll, **r[1])
+    s1a = rollout(params["level1"], seed, cfg=cfg, unroll=unroll, fused=fused, **r[0])
+    s1b = rollout(params["level1"], seed, cfg=cfg, unroll=unroll, fused=fused, **r[1])
     full = jnp.concatenate([image, upscale(s1a, cfg.downscale)[..., 1:]], axis=-1)
     patch = crop_patches(full, patch_yx, cfg.patch)
     tgt = crop_patches(targets, patch_yx, cfg.patch)
     w = crop_patches(weights, patch_yx, cfg.patch)
-    o2a = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, **r[2])
-    o2b = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, **r[3])
+    o2a = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, fused=fused, **r[2])
+    o2b = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, fused=fused, **r[3])
     return {
         "seg": segmentation_loss(o2a[..., 1], tgt, w, kind=loss, focal_gamma=focal_gamma),
         "cons1": l1_sigmoid(s1a[..., 1], s1b[..., 1]),
@@ -178,10 +180,11 @@ def entropy_terms(
     keys[2]) from the same state on the patches patch_yx (B, 2); returns {'entropy'}: the
     binary entropy of the mean of the two level-2 probabilities."""
     image = as_nhwc(images)
-    full = _level1_to_full(params, image, cfg, unroll, key=keys[0])
+    fused = resolve_fused(cfg, train=True)
+    full = _level1_to_full(params, image, cfg, unroll, fused, key=keys[0])
     patch = crop_patches(full, patch_yx, cfg.patch)
-    oa = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, key=keys[1])
-    ob = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, key=keys[2])
+    oa = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, fused=fused, key=keys[1])
+    ob = rollout(params["level2"], patch, cfg=cfg, unroll=unroll, fused=fused, key=keys[2])
     mean = 0.5 * (jax.nn.sigmoid(oa[..., 1]) + jax.nn.sigmoid(ob[..., 1]))
     return {"entropy": binary_entropy(mean)}
 
@@ -204,6 +207,7 @@ def finetune_loss(
         return vwsl_loss(params, images, targets, weights, cfg=cfg, fc=fc, key=key)
     yx = draw_patch_corners(key, cfg, images.shape[0], images.shape[1])
     k = [jax.random.fold_in(key, t) for t in (KEY_A1, KEY_A2, KEY_B2)]
+    fused = resolve_fused(cfg, train=True)
     if fc.method == "entropy":
         terms = entropy_terms(
             params, images, cfg=cfg, keys=tuple(k), patch_yx=yx, unroll=cfg.unroll
@@ -211,9 +215,9 @@ def finetune_loss(
         return terms["entropy"], terms
     if fc.method == "pseudo-label":
         image = as_nhwc(images)
-        full = _level1_to_full(params, image, cfg, cfg.unroll, key=k[0])
+        full = _level1_to_full(params, image, cfg, cfg.unroll, fused, key=k[0])
         patch = crop_patches(full, yx, cfg.patch)
-        o2 = rollout(params["level2"], patch, cfg=cfg, unroll=cfg.unroll, key=k[1])
+        o2 = rollout(params["level2"], patch, cfg=cfg, unroll=cfg.unroll, fused=fused, key=k[1])
         seg = segmentation_loss(
             o2[..., 1],
             crop_patches(targets, yx, cfg.patch),

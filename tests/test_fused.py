@@ -1,5 +1,5 @@
-"""The fused CPU kernel of one NCA step (nca_jax/fused.py, csrc/nca_step.cc) against the XLA
-step it replaces in predictions."""
+"""The fused CPU kernels of one NCA step and its backward (nca_jax/fused.py, csrc/nca_step.cc)
+against the XLA step and gradient they replace."""
 
 import dataclasses
 
@@ -83,20 +83,98 @@ def test_vmapped_samples_equal_a_loop_each_with_its_own_statistics():
     np.testing.assert_allclose(together, xla, atol=1e-4)
 
 
+def _assert_trees_close(got, ref, rtol: float = 2e-5) -> None:
+    """Every leaf of got within rtol of the largest magnitude of ref's leaf (gradients with
+    exact zeros in places, which a plain rtol cannot take)."""
+    for (path, r), g in zip(
+        jax.tree_util.tree_leaves_with_path(ref), jax.tree_util.tree_leaves(got), strict=True
+    ):
+        r, g = np.asarray(r), np.asarray(g)
+        assert r.shape == g.shape, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(
+            g, r, atol=rtol * max(float(np.abs(r).max()), 1e-6), err_msg=jax.tree_util.keystr(path)
+        )
+
+
 @needs_kernel
-def test_no_gradient_gives_a_clear_error():
+@pytest.mark.parametrize("shape", [(1, 16, 16), (2, 7, 13), (1, 2, 29), (2, 3, 5)])
+def test_step_gradient_equals_xla(shape):
+    """The backward kernel against the XLA step's (hand-written) gradient, every weight and
+    the state: tile remainders, two images sharing statistics, the reflection's borders (3
+    and 2 rows: the folded-back cells meet), a state off 0. The conv and dense_in biases get
+    exactly 0 in both (the norm cancels them)."""
+    cfg = ModelConfig()
+    off = dataclasses.replace(cfg, fused_forward=0)
+    p = _params(cfg)["level2"]
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    state = 3.0 + jax.random.normal(k1, (*shape, cfg.channels))
+    mask = model.fire_mask(k2, shape, 0.5)
+    w = jax.random.normal(k3, (*shape, cfg.channels))
+
+    def loss(q, s, use):
+        return jnp.sum(jnp.sin(model.nca_step(q, s, cfg=off, mask=mask, fused=use)) * w)
+
+    ref = jax.grad(loss, (0, 1))(p, state, False)
+    got = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(p, state, True)
+    _assert_trees_close(got, ref)
+    assert float(jnp.abs(got[0]["perceive"]["conv0"]["kernel"]).max()) > 0.1  # it does flow
+    assert float(jnp.abs(got[0]["perceive"]["conv0"]["bias"]).max()) == 0.0
+
+
+@needs_kernel
+def test_training_gradient_equals_xla_and_fused_train_resolves():
+    """A whole training loss (both levels, patch crop, dice + BCE) through model.train_logits
+    with fused_train 1 against 0: the gradient of every parameter to float rounding."""
+    from nca_jax.losses import segmentation_loss
+
+    cfg = ModelConfig(steps=5, patch=8, fused_train=1)
+    off = dataclasses.replace(cfg, fused_train=0)
+    assert fused.resolve(cfg, train=True) and not fused.resolve(off, train=True)
+    assert not fused.resolve(dataclasses.replace(cfg, fused_train=-1, fast_backward=False), True)
+    p = _params(cfg, 2)
+    rng = np.random.default_rng(2)
+    img = jnp.asarray(rng.uniform(size=(2, 32, 32)), jnp.float32)
+    lab = jnp.asarray(rng.uniform(size=(2, 32, 32)) > 0.5, jnp.float32)
+
+    def loss(q, c):
+        out, m = model.train_logits(q, img, lab, cfg=c, key=jax.random.key(5))
+        return segmentation_loss(out, m, kind="dice_bce")
+
+    ref = jax.grad(loss)(p, off)
+    got = jax.jit(jax.grad(loss), static_argnums=1)(p, cfg)
+    _assert_trees_close(got, ref, rtol=1e-4)
+    assert float(jnp.abs(got["level1"]["dense_in"]["kernel"]).max()) > 0  # level 1 learns too
+
+
+@needs_kernel
+def test_vmapped_gradient_equals_a_loop():
+    """vmap of the step's gradient over states (the backward's groups, one gradient each)
+    against one state at a time."""
+    cfg = ModelConfig()
+    p = _params(cfg)["level1"]
+    states = 1.0 + jax.random.normal(jax.random.key(3), (3, 1, 6, 9, cfg.channels))
+    mask = model.fire_mask(jax.random.key(4), (1, 6, 9), 0.5)
+
+    def loss(q, s):
+        return jnp.sum(model.nca_step(q, s, cfg=cfg, mask=mask, fused=True) ** 2)
+
+    together = jax.jit(jax.vmap(jax.grad(loss, (0, 1)), in_axes=(None, 0)))(p, states)
+    for n in range(3):
+        alone = jax.grad(loss, (0, 1))(p, states[n])
+        _assert_trees_close(jax.tree_util.tree_map(lambda x, n=n: x[n], together), alone, 1e-6)
+
+
+@needs_kernel
+def test_prediction_gradient_equals_xla():
     cfg = ModelConfig(steps=2)
     p = _params(cfg)
-    img = jnp.zeros((1, 16, 16))
+    img = jnp.asarray(np.random.default_rng(3).uniform(size=(1, 16, 16)), jnp.float32)
 
-    def loss(q):
-        return model.predict_logits(q, img, cfg=cfg, key=jax.random.key(0)).sum()
+    def loss(q, c):
+        return model.predict_logits(q, img, cfg=c, key=jax.random.key(0)).sum()
 
-    with pytest.raises(ConfigError, match="no gradient"):
-        jax.grad(loss)(p)
     off = dataclasses.replace(cfg, fused_forward=0)
-    g = jax.grad(lambda q: model.predict_logits(q, img, cfg=off, key=jax.random.key(0)).sum())(p)
-    assert np.isfinite(g["level2"]["dense_out"]["kernel"]).all()
+    _assert_trees_close(jax.grad(loss)(p, cfg), jax.grad(loss)(p, off), rtol=1e-4)
 
 
 def test_resolve_auto_off_for_other_sizes_and_forced_on_errors():
@@ -106,8 +184,12 @@ def test_resolve_auto_off_for_other_sizes_and_forced_on_errors():
     assert not fused.resolve(dataclasses.replace(small, fused_forward=0))
     with pytest.raises(ConfigError, match="fused_forward is 1 but.*channels 16 and hidden 128"):
         fused.resolve(dataclasses.replace(small, fused_forward=1))
+    with pytest.raises(ConfigError, match="fused_train is 1 but.*channels 16 and hidden 128"):
+        fused.resolve(dataclasses.replace(small, fused_train=1), train=True)
     with pytest.raises(ConfigError, match="fused_forward must be"):
         ModelConfig(fused_forward=2).validate()
+    with pytest.raises(ConfigError, match="fused_train must be"):
+        ModelConfig(fused_train=2).validate()
 
 
 def test_build_reports_a_missing_or_failing_compiler(tmp_path, monkeypatch):
