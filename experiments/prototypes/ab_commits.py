@@ -24,11 +24,13 @@ from pathlib import Path
 
 
 def base_package(checkout: Path, into: Path) -> None:
-    """Copy checkout/nca_jax to into/nca_base with every `nca_jax` import renamed."""
+    """Copy checkout/nca_jax to into/nca_base with every `nca_jax` import and FFI target name
+    renamed."""
     dst = into / "nca_base"
     shutil.copytree(checkout / "nca_jax", dst)
     for f in dst.rglob("*.py"):
-        f.write_text(re.sub(r"\bnca_jax\b", "nca_base", f.read_text()))
+        # the FFI targets too (nca_jax_step_fwd, ...): both versions' kernels registered apart
+        f.write_text(re.sub(r"\bnca_jax(?=\b|_step)", "nca_base", f.read_text()))
 
 
 def main() -> None:

@@ -190,9 +190,21 @@ void features(const float* state, int B, int H, int W, const float* K, float* pa
       std::memcpy(dst, src + C, C * sizeof(float));
       std::memcpy(dst + (W + 1) * C, src + (W - 2) * C, C * sizeof(float));
     }
-    alignas(64) float S[F * F];
+    alignas(64) float S[F * F];  // float sums of >= 256 cells, then into the doubles
     alignas(64) float sum[F];
+    std::memset(S, 0, sizeof(S));
+    std::memset(sum, 0, sizeof(sum));
     std::vector<double> Sl(F * F, 0.0), suml(F, 0.0);
+    int pending = 0;
+    auto flush = [&]() {
+      for (int a = 0; a < F; ++a) {
+        suml[a] += sum[a];
+        for (int c = a; c < F; ++c) Sl[a * F + c] += S[a * F + c];
+      }
+      std::memset(S, 0, sizeof(S));
+      std::memset(sum, 0, sizeof(sum));
+      pending = 0;
+    };
 #pragma omp for schedule(static)
     for (int r = 0; r < B * H; ++r) {
       const int b = r / H, i = r % H;
@@ -204,14 +216,11 @@ void features(const float* state, int B, int H, int W, const float* K, float* pa
       for (; j + 12 <= W; j += 12) conv_tile<12>(sp + j * C, wp, K, X + j * F);
       for (; j + 4 <= W; j += 4) conv_tile<4>(sp + j * C, wp, K, X + j * F);
       for (; j < W; ++j) conv_tile<1>(sp + j * C, wp, K, X + j * F);
-      std::memset(S, 0, sizeof(S));
-      std::memset(sum, 0, sizeof(sum));
       row_stats(X, W, S, sum);
-      for (int a = 0; a < F; ++a) {
-        suml[a] += sum[a];
-        for (int c = a; c < F; ++c) Sl[a * F + c] += S[a * F + c];
-      }
+      pending += W;
+      if (pending >= 256) flush();
     }
+    flush();
 #pragma omp critical
     {
       for (int a = 0; a < F * F; ++a) Sd[a] += Sl[a];
@@ -224,6 +233,7 @@ void features(const float* state, int B, int H, int W, const float* K, float* pa
 // relu(x @ Wf + cb) is the normalised, scaled, shifted and rectified hidden layer.
 struct Fold {
   double m[F], cov[F][F], rstd[HID], a[HID];
+  alignas(64) double cw[F * HID];  // cov @ W1
   alignas(64) float Wf[F * HID];
   alignas(64) float cb[HID];
 };
@@ -236,14 +246,19 @@ void fold(const double* Sd, const double* sumd, size_t n, const float* W1, const
       const int lo = a < c ? a : c, hi = a < c ? c : a;
       fd.cov[a][c] = Sd[lo * F + hi] / double(n) - fd.m[a] * fd.m[c];
     }
-  for (int u = 0; u < HID; ++u) {
-    double v = 0.0;
-    for (int a = 0; a < F; ++a) {
-      double t = 0.0;
-      for (int c = 0; c < F; ++c) t += fd.cov[a][c] * W1[c * HID + u];
-      v += W1[a * HID + u] * t;
+  // every loop below runs over u innermost: contiguous, vectorised (these run once per step
+  // on one thread while the other threads wait)
+  std::fill(fd.cw, fd.cw + F * HID, 0.0);
+  for (int a = 0; a < F; ++a)
+    for (int c = 0; c < F; ++c) {
+      const double k = fd.cov[a][c];
+      for (int u = 0; u < HID; ++u) fd.cw[a * HID + u] += k * W1[c * HID + u];
     }
-    fd.rstd[u] = 1.0 / std::sqrt((v > 0.0 ? v : 0.0) + eps);
+  double v[HID] = {};
+  for (int a = 0; a < F; ++a)
+    for (int u = 0; u < HID; ++u) v[u] += W1[a * HID + u] * fd.cw[a * HID + u];
+  for (int u = 0; u < HID; ++u) fd.rstd[u] = 1.0 / std::sqrt((v[u] > 0.0 ? v[u] : 0.0) + eps);
+  for (int u = 0; u < HID; ++u) {
     const double g = scale[u] * fd.rstd[u];
     fd.a[u] = g;
     double mu = 0.0;
@@ -467,11 +482,21 @@ void group_step_bwd(const float* state, const float* mask, const float* gout, in
   {
     alignas(64) float h[24 * HID];
     alignas(64) float dp[24 * HID];
-    std::vector<float> xdr(F * HID), dshr(HID), dw2r(HID * C);
+    std::vector<float> xdr(F * HID, 0.0f), dshr(HID, 0.0f), dw2r(HID * C, 0.0f);
     std::vector<double> xdl(F * HID, 0.0), dshl(HID, 0.0), dw2l(HID * C, 0.0);
     const float* xs[24];
     float* dst[24];
     int idx[24];
+    int pending = 0;  // fired cells in the float sums since they were last added to the doubles
+    auto flush = [&]() {
+      for (int a = 0; a < F * HID; ++a) xdl[a] += xdr[a];
+      for (int a = 0; a < HID; ++a) dshl[a] += dshr[a];
+      for (int a = 0; a < HID * C; ++a) dw2l[a] += dw2r[a];
+      std::fill(xdr.begin(), xdr.end(), 0.0f);
+      std::fill(dshr.begin(), dshr.end(), 0.0f);
+      std::fill(dw2r.begin(), dw2r.end(), 0.0f);
+      pending = 0;
+    };
 #pragma omp for schedule(static)
     for (int r = 0; r < B * H; ++r) {
       const float* X = feats + size_t(r) * W * F;
@@ -479,13 +504,11 @@ void group_step_bwd(const float* state, const float* mask, const float* gout, in
       const float* grow = gout + size_t(r) * W * C;
       float* drow = dfeat + size_t(r) * W * F;
       std::memset(drow, 0, size_t(W) * F * sizeof(float));
-      std::fill(xdr.begin(), xdr.end(), 0.0f);
-      std::fill(dshr.begin(), dshr.end(), 0.0f);
-      std::fill(dw2r.begin(), dw2r.end(), 0.0f);
       int j = 0;
       while (j < W) {
         const int cnt = gather_fired(mrow, W, j, X, xs, idx);
         if (cnt == 0) break;
+        pending += cnt;
         const int full = (cnt + MT - 1) / MT * MT;
         for (int t = 0; t < full; t += MT) mlp1_tile(xs + t, Wf, cb, h + t * HID);
         for (int t = 0; t < cnt; t += 2) {
@@ -551,10 +574,9 @@ void group_step_bwd(const float* state, const float* mask, const float* gout, in
             break;
         }
       }
-      for (int a = 0; a < F * HID; ++a) xdl[a] += xdr[a];
-      for (int a = 0; a < HID; ++a) dshl[a] += dshr[a];
-      for (int a = 0; a < HID * C; ++a) dw2l[a] += dw2r[a];
+      if (pending >= 256) flush();
     }
+    flush();
 #pragma omp critical
     {
       for (int a = 0; a < F * HID; ++a) xdp[a] += xdl[a];
@@ -564,40 +586,49 @@ void group_step_bwd(const float* state, const float* mask, const float* gout, in
   }
 
   // (B3a) the norm's gradients (mlp.py `_stats_grads` with the features centred exactly)
-  std::vector<double> da(HID), dvar(HID), cw(F * HID, 0.0);
+  // (loops over the contiguous index innermost, vectorised: this part runs on one thread)
+  std::vector<double> da(HID, 0.0), dvar(HID), wd(F * HID), w1t(HID * F), dd(F * F, 0.0);
+  for (int f = 0; f < F; ++f)
+    for (int u = 0; u < HID; ++u) da[u] += xdp[f * HID + u] * W1[f * HID + u];
   for (int u = 0; u < HID; ++u) {
-    double s = 0.0;
-    for (int f = 0; f < F; ++f) s += xdp[f * HID + u] * W1[f * HID + u];
-    da[u] = s;
-    dvar[u] = s * scale[u] * -0.5 * fd->rstd[u] * fd->rstd[u] * fd->rstd[u];
-    o.dscale[u] = float(s * fd->rstd[u]);
+    const double r = fd->rstd[u];
+    dvar[u] = da[u] * scale[u] * -0.5 * r * r * r;
+    o.dscale[u] = float(da[u] * r);
     o.dshift[u] = float(dsh[u]);
   }
   for (int f = 0; f < F; ++f)
-    for (int c = 0; c < F; ++c)
-      for (int u = 0; u < HID; ++u) cw[f * HID + u] += fd->cov[f][c] * W1[c * HID + u];
-  for (int f = 0; f < F; ++f)
-    for (int u = 0; u < HID; ++u)
-      o.dW1[f * HID + u] = float(xdp[f * HID + u] * fd->a[u] + 2.0 * cw[f * HID + u] * dvar[u]);
+    for (int u = 0; u < HID; ++u) {
+      o.dW1[f * HID + u] = float(xdp[f * HID + u] * fd->a[u] + 2.0 * fd->cw[f * HID + u] * dvar[u]);
+      wd[f * HID + u] = W1[f * HID + u] * dvar[u];
+      w1t[u * F + f] = W1[f * HID + u];
+    }
   for (int a = 0; a < HID * C; ++a) o.dW2[a] = float(dw2[a]);
+  // D = (2 / n) W1 diag(dvar) W1^T, row = dshift @ Wf^T / n
+  for (int f = 0; f < F; ++f)
+    for (int u = 0; u < HID; ++u) {
+      const double k = wd[f * HID + u];
+      for (int c = 0; c < F; ++c) dd[f * F + c] += k * w1t[u * F + c];
+    }
   alignas(64) float D[F * F];
   alignas(64) float row[F];
-  for (int f = 0; f < F; ++f) {
-    for (int c = 0; c < F; ++c) {
-      double s = 0.0;
-      for (int u = 0; u < HID; ++u) s += double(W1[f * HID + u]) * dvar[u] * W1[c * HID + u];
-      D[f * F + c] = float(2.0 * s / double(n));
-    }
-    double s = 0.0;
-    for (int u = 0; u < HID; ++u) s += dsh[u] * double(Wf[f * HID + u]);
-    row[f] = float(s / double(n));
-  }
+  for (int a = 0; a < F * F; ++a) D[a] = float(2.0 * dd[a] / double(n));
+  std::vector<double> rd(F, 0.0);
+  for (int u = 0; u < HID; ++u)
+    for (int f = 0; f < F; ++f) rd[f] += dsh[u] * double(WfT[u * F + f]);
+  for (int f = 0; f < F; ++f) row[f] = float(rd[f] / double(n));
 
   // (B3b) dfeat on every cell, dstate's own share, the kernel's gradient
   std::vector<double> dk(9 * C * P, 0.0);
 #pragma omp parallel
   {
     std::vector<double> dkl(9 * C * P, 0.0);
+    std::vector<float> dkf(9 * C * P, 0.0f);  // float sums of >= 256 cells, then into dkl
+    int pending = 0;
+    auto flush = [&]() {
+      for (int a = 0; a < 9 * C * P; ++a) dkl[a] += dkf[a];
+      std::fill(dkf.begin(), dkf.end(), 0.0f);
+      pending = 0;
+    };
 #pragma omp for schedule(static)
     for (int r = 0; r < B * H; ++r) {
       const int b = r / H, i = r % H;
@@ -633,16 +664,17 @@ void group_step_bwd(const float* state, const float* mask, const float* gout, in
               acc[q][1] = _mm512_fmadd_ps(a, d1, acc[q][1]);
             }
           }
-          alignas(64) float tmp[32];
           for (int q = 0; q < 8; ++q) {
-            _mm512_store_ps(tmp, acc[q][0]);
-            _mm512_store_ps(tmp + 16, acc[q][1]);
-            double* d = dkl.data() + (t * C + c0 + q) * P;
-            for (int p = 0; p < P; ++p) d[p] += tmp[p];
+            float* d = dkf.data() + (t * C + c0 + q) * P;
+            _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), acc[q][0]));
+            _mm512_storeu_ps(d + 16, _mm512_add_ps(_mm512_loadu_ps(d + 16), acc[q][1]));
           }
         }
       }
+      pending += W;
+      if (pending >= 256) flush();
     }
+    flush();
 #pragma omp critical
     for (int a = 0; a < 9 * C * P; ++a) dk[a] += dkl[a];
   }
