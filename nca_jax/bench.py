@@ -218,7 +218,6 @@ COMPARISONS: dict[str, tuple[dict[str, Any], str, str, bool, str, str]] = {
         "NCA steps as XLA ops", "the fused kernels are {:.2f}x faster",
     ),
 }  # fmt: skip
-PREDICT_ONLY: tuple[str, ...] = ()  # flags that time predictions only
 
 
 def compare(
@@ -530,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         r = bench_train(mc, a.size, b, a.reps, a.level1_loss)
         r["train_fraction_of_matmul"] = r["train_gflops"] / res["matmul_gflops"]
         for flag in COMPARISONS:
-            if getattr(a, flag) and flag not in PREDICT_ONLY:
+            if getattr(a, flag):
                 r.update(
                     compare(flag, mc, lambda m, b=b: train_runner(m, a.size, b), a.reps,
                             "train_step", "")

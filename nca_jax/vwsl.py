@@ -207,13 +207,13 @@ def finetune_loss(
         return vwsl_loss(params, images, targets, weights, cfg=cfg, fc=fc, key=key)
     yx = draw_patch_corners(key, cfg, images.shape[0], images.shape[1])
     k = [jax.random.fold_in(key, t) for t in (KEY_A1, KEY_A2, KEY_B2)]
-    fused = resolve_fused(cfg, train=True)
     if fc.method == "entropy":
         terms = entropy_terms(
             params, images, cfg=cfg, keys=tuple(k), patch_yx=yx, unroll=cfg.unroll
         )
         return terms["entropy"], terms
     if fc.method == "pseudo-label":
+        fused = resolve_fused(cfg, train=True)
         image = as_nhwc(images)
         full = _level1_to_full(params, image, cfg, cfg.unroll, fused, key=k[0])
         patch = crop_patches(full, yx, cfg.patch)
